@@ -1,0 +1,316 @@
+"""DMD2: distribution matching distillation of a few-step student (Yin et al. 2024).
+
+Roles: ``student`` (the few-step generator, trained), ``teacher`` (real score, frozen, guided
+with CFG), ``critic`` (fake score, trained on the student's samples).
+
+One training step (``train_step(batch, step)``):
+
+1. Generator update, only when ``step % generator_update_interval == 0`` (two time-scale rule):
+   * rollout: the student produces a sample ``x`` (below); gradient flows through the exit
+     step only;
+   * DMD timestep per sample: integer ``k ~ U[0, T)``, shifted
+     ``t = T * shift_sigma(k / T, timestep_shift)``, clamped to ``[min_t, max_t]``;
+   * ``x_t = (1 - t/T) x + (t/T) eps``; without grad: ``real = guided(teacher x0 | cond, uncond)``,
+     ``fake = critic x0 | cond``;
+   * KL gradient (DMD eq. 7-8), without grad: ``grad = nan_to_num((fake - real) / mean|x - real|)``,
+     the mean taken per sample over all non-batch dims;
+   * loss ``0.5 * mean((x - stopgrad(x - grad))^2)`` in float64, whose gradient w.r.t. ``x`` is
+     ``grad / numel(x)``; backward, optimizer step, EMA.
+2. Critic update, every step: a fresh rollout without grad gives ``x``; a timestep is drawn as
+   above; ``x_t = add_noise(x, eps, t)``; loss ``mean((critic_v(x_t) - (eps - x))^2)``.
+
+Rollout (``rollout_mode``) over the step list ``t_0 > t_1 > ... > t_{n-1}``
+(``denoising_steps``, optionally warped onto the shifted grid):
+  * ``simulate`` (data-free): ``x = eps`` taken as the sample at ``t_0``; for ``j < exit``
+    without grad ``x0 = student_x0(x, t_j)``, ``x = add_noise(x0, eps_j, t_{j+1})`` with fresh
+    noise; at ``j = exit`` the student's ``x0`` (with grad) is the sample.
+  * ``data_latent``: ``x = add_noise(data_latent, eps, t_exit)``; one student step (with grad).
+The exit index is drawn uniformly from ``[0, n)`` by a ``torch.Generator`` seeded with
+``derive_seed(seed, step, phase)``: every rank that is given the same ``seed`` (the run's
+training seed, not a per-rank seed) and step derives the same index without communication, so
+the trainer broadcasts nothing. Generator and critic phase draw independently.
+
+Guidance: ``guidance_convention`` says what ``guidance_scale`` means -- ``cfg``:
+``uncond + s (cond - uncond)``; ``dmd`` (Self-Forcing): ``cond + g (cond - uncond)``, i.e.
+``s = g + 1``. Setting a scale without naming its convention is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megadistill.diffusion import CONVENTIONS, denoising_step_list, guided_prediction, sample_dmd_timesteps
+from megadistill.pipeline.graph import BACKWARD, FORWARD, FORWARD_NOGRAD, Op, OpGraph
+
+from .adapter import Adapter, PreparedBatch
+from .base import (TrainingMethod, config_error, derive_seed, flow_matching_loss, parse_method_config,
+                   require_bool, require_choice, require_int, require_number)
+from .registry import register_method
+from .roles import ModelBundle
+
+METHOD = "dmd2"
+ROLLOUT_MODES = ("simulate", "data_latent")
+GENERATOR_PHASE, CRITIC_PHASE = "generator", "critic"
+
+
+@dataclass(frozen=True)
+class DMD2Config:
+    """``method_config`` of dmd2 (see the module docstring for the meaning of each key).
+
+    ``min_timestep``/``max_timestep`` are given on a 1000-step scale (20/980 = 2%/98% of the
+    schedule) and scaled to the scheduler's ``num_train_timesteps``. ``timestep_shift`` shifts the
+    DMD and critic timesteps; ``flow_shift`` is the shift of the grid a warped step list is read
+    on (only with ``warp_denoising_step``). Both default to the adapter scheduler's shift.
+    """
+
+    denoising_steps: Tuple[int, ...] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = False
+    rollout_mode: str = "simulate"
+    generator_update_interval: int = 5
+    guidance_scale: Optional[float] = None
+    guidance_convention: Optional[str] = None
+    min_timestep: float = 20
+    max_timestep: float = 980
+    timestep_shift: Optional[float] = None
+    flow_shift: Optional[float] = None
+
+    def __post_init__(self):
+        steps = self.denoising_steps
+        if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__") or len(steps) == 0:
+            raise config_error(METHOD, "denoising_steps", f"must be a non-empty list of timesteps, got {steps!r}")
+        for s in steps:
+            require_number(METHOD, "denoising_steps", s)
+        object.__setattr__(self, "denoising_steps", tuple(steps))
+        require_bool(METHOD, "warp_denoising_step", self.warp_denoising_step)
+        require_choice(METHOD, "rollout_mode", self.rollout_mode, ROLLOUT_MODES)
+        require_int(METHOD, "generator_update_interval", self.generator_update_interval, minimum=1)
+        self._check_guidance()
+        require_number(METHOD, "min_timestep", self.min_timestep, 0, 1000)
+        require_number(METHOD, "max_timestep", self.max_timestep, 0, 1000)
+        if self.min_timestep > self.max_timestep:
+            raise config_error(METHOD, "min_timestep", f"{self.min_timestep} is larger than "
+                               f"max_timestep {self.max_timestep}")
+        if self.timestep_shift is not None:
+            require_number(METHOD, "timestep_shift", self.timestep_shift, positive=True)
+        if self.flow_shift is not None:
+            require_number(METHOD, "flow_shift", self.flow_shift, positive=True)
+            if not self.warp_denoising_step:
+                raise config_error(METHOD, "flow_shift", "only warps the step list; it has no effect "
+                                   "unless warp_denoising_step is true")
+
+    def _check_guidance(self):
+        if self.guidance_convention is not None:
+            require_choice(METHOD, "guidance_convention", self.guidance_convention, CONVENTIONS)
+        if self.guidance_scale is None:
+            if self.guidance_convention is not None:
+                raise config_error(METHOD, "guidance_convention", "is set but guidance_scale is not")
+            return
+        require_number(METHOD, "guidance_scale", self.guidance_scale)
+        if self.guidance_convention is None:
+            raise config_error(METHOD, "guidance_convention",
+                               f"guidance_scale={self.guidance_scale} needs an explicit convention: "
+                               "'cfg' (uncond + s*(cond - uncond), Wan/diffusers) or 'dmd' "
+                               "(cond + g*(cond - uncond), Self-Forcing; g = s - 1)")
+
+    @property
+    def uses_uncond(self) -> bool:
+        """Whether the teacher needs its unconditional prediction (guidance is not the identity)."""
+        if self.guidance_scale is None:
+            return False
+        identity = 1.0 if self.guidance_convention == "cfg" else 0.0
+        return float(self.guidance_scale) != identity
+
+
+# -- the formulas -----------------------------------------------------------------------------------
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """KL gradient of DMD (eq. 7, normalized as eq. 8):
+    ``nan_to_num((fake_x0 - real_x0) / mean|x - real_x0|)``, the mean per sample over every
+    non-batch dim (keepdim). Callers run it without grad, as the public code does."""
+    dims = tuple(range(1, x.dim()))
+    normalizer = (x - real_x0).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((fake_x0 - real_x0) / normalizer)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mean((x - stopgrad(x - grad))^2)`` in float64: a surrogate whose gradient w.r.t.
+    ``x`` is ``grad / numel(x)`` and whose value is ``0.5 * mean(grad^2)``."""
+    x64 = x.double()
+    return 0.5 * F.mse_loss(x64, (x64 - grad.double()).detach())
+
+
+# -- the method -------------------------------------------------------------------------------------
+
+@register_method(METHOD)
+class DMD2Method(TrainingMethod):
+    """DMD2 over roles student (trainable), teacher (frozen), critic (trainable).
+
+    ``seed`` seeds the exit-index draws (see the module docstring); it must be equal on every
+    rank. All other randomness (noise, DMD timesteps) comes from torch's default generator of the
+    latents' device, which the trainer seeds per data-parallel rank.
+    """
+
+    roles = {"student": True, "teacher": False, "critic": True}
+
+    def __init__(self, bundle: ModelBundle, adapter: Adapter, method_config: Optional[Mapping[str, Any]] = None,
+                 seed: int = 0):
+        super().__init__(bundle, adapter, method_config)
+        self.config = parse_method_config(DMD2Config, method_config, METHOD)
+        sched = adapter.noise_scheduler
+        T = sched.num_train_timesteps
+        cfg = self.config
+        self.timestep_shift = sched.shift if cfg.timestep_shift is None else float(cfg.timestep_shift)
+        flow_shift = sched.shift if cfg.flow_shift is None else float(cfg.flow_shift)
+        try:
+            self.denoising_steps = denoising_step_list(cfg.denoising_steps, cfg.warp_denoising_step,
+                                                       flow_shift, T)
+        except ValueError as err:
+            raise config_error(METHOD, "denoising_steps", str(err)) from None
+        self.min_t = cfg.min_timestep * T / 1000.0
+        self.max_t = cfg.max_timestep * T / 1000.0
+        self.seed = int(seed)
+
+    # -- schedule ---------------------------------------------------------------------------------
+    @property
+    def latents_source(self) -> str:
+        return "zeros" if self.config.rollout_mode == "simulate" else "data"
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.config.generator_update_interval == 0
+
+    def exit_index(self, step: int, phase: str = GENERATOR_PHASE) -> int:
+        """Index into ``denoising_steps`` of the graded rollout step at ``step`` (same on every rank)."""
+        if phase not in (GENERATOR_PHASE, CRITIC_PHASE):
+            raise ValueError(f"phase must be {GENERATOR_PHASE!r} or {CRITIC_PHASE!r}, got {phase!r}")
+        g = torch.Generator().manual_seed(derive_seed("dmd2-exit", self.seed, int(step), phase))
+        return int(torch.randint(0, len(self.denoising_steps), (1,), generator=g))
+
+    def sample_timesteps(self, batch_size: int, device) -> torch.Tensor:
+        """DMD / critic timesteps ``[B]`` (float64): uniform integer, shifted, clamped."""
+        T = self.adapter.noise_scheduler.num_train_timesteps
+        return sample_dmd_timesteps(batch_size, None, shift=self.timestep_shift, min_t=self.min_t,
+                                    max_t=self.max_t, low=0, high=T, num_train_timesteps=T, device=device)
+
+    # -- model calls ------------------------------------------------------------------------------
+    def _timestep(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        return self.denoising_steps[index].to(like.device).expand(like.shape[0]).clone()
+
+    def rollout(self, batch: PreparedBatch, exit_index: int, with_grad: bool) -> torch.Tensor:
+        """The student's sample (see the module docstring); with grad only through the exit step."""
+        student, ad = self.bundle["student"], self.adapter
+        if not 0 <= exit_index < len(self.denoising_steps):
+            raise ValueError(f"exit_index {exit_index} outside [0, {len(self.denoising_steps)})")
+        with torch.no_grad():
+            if self.config.rollout_mode == "simulate":
+                x = torch.randn_like(batch.latents)
+                for j in range(exit_index):
+                    x0 = ad.predict_x0(student, x, self._timestep(j, x), batch.cond)
+                    x = ad.add_noise(x0, torch.randn_like(x0), self._timestep(j + 1, x))
+            else:
+                t_exit = self._timestep(exit_index, batch.latents)
+                x = ad.add_noise(batch.latents, torch.randn_like(batch.latents), t_exit)
+        with torch.set_grad_enabled(with_grad):
+            return ad.predict_x0(student, x, self._timestep(exit_index, x), batch.cond)
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
+        """Teacher's (guided) x0 prediction."""
+        teacher = self.bundle["teacher"]
+        pred = self.adapter.predict_x0(teacher, x_t, t, cond)
+        if not self.config.uses_uncond:
+            return pred
+        pred_uncond = self.adapter.predict_x0(teacher, x_t, t, uncond)
+        cfg = self.config
+        return guided_prediction(pred, pred_uncond, float(cfg.guidance_scale), cfg.guidance_convention)
+
+    def generator_loss(self, batch: PreparedBatch, uncond: Any,
+                       exit_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        x = self.rollout(batch, exit_index, with_grad=True)
+        with torch.no_grad():
+            t = self.sample_timesteps(x.shape[0], x.device)
+            x_t = self.adapter.add_noise(x, torch.randn_like(x), t)
+            real = self.real_x0(x_t, t, batch.cond, uncond)
+            fake = self.adapter.predict_x0(self.bundle["critic"], x_t, t, batch.cond)
+            grad = dmd_gradient(x, real, fake)
+        loss = dmd_loss(x, grad)
+        return loss, {"dmd_grad_mean_abs": grad.abs().mean().item(), "dmd_timestep_mean": t.mean().item()}
+
+    def critic_loss(self, batch: PreparedBatch, exit_index: int) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.rollout(batch, exit_index, with_grad=False)
+        t = self.sample_timesteps(x.shape[0], x.device)
+        eps = torch.randn_like(x)
+        v = self.adapter.predict_flow(self.bundle["critic"], self.adapter.add_noise(x, eps, t), t, batch.cond)
+        return flow_matching_loss(v, x, eps)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def train_step(self, batch: Mapping[str, Any], step: int) -> Dict[str, float]:
+        prepared = self.adapter.prepare_batch(batch, latents_source=self.latents_source)
+        logs: Dict[str, float] = {}
+        if self.is_generator_step(step):
+            student = self.bundle["student"]
+            uncond = self.adapter.negative_cond(prepared) if self.config.uses_uncond else None
+            exit_index = self.exit_index(step, GENERATOR_PHASE)
+            loss, extra = self.generator_loss(prepared, uncond, exit_index)
+            self.adapter.backward(student, loss)
+            _log_norm(logs, "generator_grad_norm", student.step(step))
+            logs.update(generator_loss=loss.item(), generator_exit_index=float(exit_index), **extra)
+        critic = self.bundle["critic"]
+        loss = self.critic_loss(prepared, self.exit_index(step, CRITIC_PHASE))
+        self.adapter.backward(critic, loss)
+        _log_norm(logs, "critic_grad_norm", critic.step(step))
+        logs["critic_loss"] = loss.item()
+        return logs
+
+    # -- op graph ---------------------------------------------------------------------------------
+    def _rollout_ops(self, m: int, exit_index: int, with_grad: bool) -> List[Op]:
+        first = 0 if self.config.rollout_mode == "simulate" else exit_index
+        ops: List[Op] = []
+        for j in range(first, exit_index + 1):
+            kind = FORWARD if with_grad and j == exit_index else FORWARD_NOGRAD
+            ops.append(Op("student", kind, m, f"student.step{j}", deps=(ops[-1].name,) if ops else ()))
+        return ops
+
+    def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
+        """Phases of ``train_step(·, step)``: [generator graph] (generator steps only) + critic graph.
+
+        Generator phase, per microbatch m: ``student.step{j}`` for the rollout (forward_nograd
+        before the exit, forward at it; ``data_latent`` has the exit step only), then
+        ``teacher.cond``, ``teacher.uncond`` (with guidance only) and ``critic.fake``
+        (forward_nograd, deps: the exit step), then ``student.backward``.
+        Critic phase: the rollout all forward_nograd, ``critic.denoise`` (forward) and
+        ``critic.backward``. The exit indices are those ``train_step`` draws at ``step``.
+        """
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        phases: List[OpGraph] = []
+        if self.is_generator_step(step):
+            exit_index = self.exit_index(step, GENERATOR_PHASE)
+            ops: List[Op] = []
+            for m in range(num_microbatches):
+                rollout = self._rollout_ops(m, exit_index, with_grad=True)
+                sample = rollout[-1].name
+                scores = [Op("teacher", FORWARD_NOGRAD, m, "teacher.cond", deps=(sample,))]
+                if self.config.uses_uncond:
+                    scores.append(Op("teacher", FORWARD_NOGRAD, m, "teacher.uncond", deps=(sample,)))
+                scores.append(Op("critic", FORWARD_NOGRAD, m, "critic.fake", deps=(sample,)))
+                backward = Op("student", BACKWARD, m, "student.backward",
+                              deps=(sample,) + tuple(s.name for s in scores), forward_of=sample)
+                ops += rollout + scores + [backward]
+            phases.append(OpGraph(tuple(ops), title="dmd2 generator step"))
+        exit_index = self.exit_index(step, CRITIC_PHASE)
+        ops = []
+        for m in range(num_microbatches):
+            rollout = self._rollout_ops(m, exit_index, with_grad=False)
+            denoise = Op("critic", FORWARD, m, "critic.denoise", deps=(rollout[-1].name,))
+            ops += rollout + [denoise, Op("critic", BACKWARD, m, "critic.backward", deps=(denoise.name,),
+                                          forward_of=denoise.name)]
+        phases.append(OpGraph(tuple(ops), title="dmd2 critic step"))
+        return phases
+
+
+def _log_norm(logs: Dict[str, float], key: str, norm: Optional[float]) -> None:
+    if norm is not None:  # an engine without a global norm reports none
+        logs[key] = norm

@@ -1,0 +1,1 @@
+"""Model families. Each family is a subpackage; methods reach models only through an adapter."""

@@ -1,0 +1,132 @@
+"""One builder: run config -> process grid, role handles (DeepSpeed engines or plain modules),
+adapter, method and data stream. The only place that joins a model family to a method."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megadistill import distributed as grid_lib
+from megadistill.config import ConfigError, RunConfig
+from megadistill.methods.registry import build_method
+from megadistill.methods.roles import EMA, ModelBundle, RoleHandle
+from megadistill.models.registry import get_family
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    bundle: ModelBundle
+    adapter: Any
+    method: Any
+    data: Any
+    device: torch.device
+
+
+def lr_lambda(kind: str, warmup: int, max_steps: int):
+    """Multiplier of the base lr at optimizer step ``s``: linear warm-up, then constant, cosine to
+    zero, or linear to zero over the remaining steps."""
+    def f(s):
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (s - warmup) / max(1, max_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
+    return f
+
+
+def role_ds_config(ds_config: dict, cfg: RunConfig, role: str, trainable: bool) -> dict:
+    """The DeepSpeed config of one role: the user's file with batch sizes, clipping and precision
+    filled in from the run config (the run config is the single source of truth for them)."""
+    d = copy.deepcopy(ds_config)
+    t = cfg.training
+    world_dp = grid_lib.get_dp_size() * grid_lib.get_sp_size()
+    d["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    d["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    d["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_dp
+    d.setdefault("steps_per_print", 10**9)
+    d.setdefault("zero_allow_untested_optimizer", True)
+    d.setdefault("zero_force_ds_cpu_optimizer", False)
+    if trainable:
+        d["gradient_clipping"] = cfg.training.optim_for(role).grad_clip
+    return d
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_handle(name: str, module, cfg: RunConfig, ds_config: dict | None) -> RoleHandle:
+    mc = cfg.models[name]
+    if not mc.trainable:
+        module.eval().requires_grad_(False)
+        return RoleHandle(name=name, module=module, trainable=False)
+    o = cfg.training.optim_for(name)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.training.lr_scheduler, cfg.training.warmup_steps, cfg.training.max_steps))
+    ema = None
+    if name == "student" and cfg.training.ema is not None:
+        if ds_config and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError("config", "training.ema",
+                              "EMA of a ZeRO-3 partitioned student is not supported yet; set "
+                              "training.ema: null or use ZeRO stage 1/2 in the DeepSpeed config")
+        ema = EMA(module, cfg.training.ema.decay, cfg.training.ema.start_step)
+    if ds_config is None:
+        return RoleHandle(name=name, module=module, trainable=True, optimizer=optimizer,
+                          lr_scheduler=schedule, ema=ema, grad_clip=o.grad_clip or None)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=role_ds_config(ds_config, cfg, name, True),
+                                           mpu=grid_lib.mpu)
+    return RoleHandle(name=name, module=None, trainable=True, engine=engine, ema=ema)
+
+
+def build_data(cfg: RunConfig, family):
+    t = cfg.training
+    rank = grid_lib.get_dp_rank() if grid_lib.is_initialized() else 0
+    world = grid_lib.get_dp_size() if grid_lib.is_initialized() else 1
+    kind = cfg.data.kind
+    if kind == "prompts":
+        from megadistill.data.prompts import PromptStream, read_prompts
+
+        return PromptStream(read_prompts(cfg.data.path), t.micro_batch_size, seed=t.seed, rank=rank,
+                            world_size=world)
+    if kind == "synthetic":
+        return family.build_synthetic_stream(cfg, rank=rank, world_size=world)
+    if kind == "webdataset":
+        from megadistill.data.latents import LatentShardStream
+
+        return LatentShardStream(cfg.data.path, t.micro_batch_size, seed=t.seed, rank=rank,
+                                 world_size=world, shuffle_buffer=cfg.data.shuffle_buffer)
+    raise ConfigError("config", "data.kind", f"unknown data kind {kind!r}")
+
+
+def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
+    p = cfg.parallel
+    grid_lib.initialize(tp=p.tp, sp=p.sp, pp=p.pp)
+    if p.tp > 1 or p.sp > 1 or p.pp > 1:
+        raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} pp={p.pp}: the trainer runs "
+                          "data parallel (ZeRO) layouts only so far; set parallel.tp/sp/pp to 1")
+    family = get_family(cfg.recipe.family)
+    device = _device()
+    handles = {}
+    for index, name in enumerate(("student", "teacher", "critic")):
+        if name not in cfg.models:
+            continue
+        module = family.build_model(cfg.models[name], cfg, seed=cfg.training.seed + 1000 * index)
+        handles[name] = build_handle(name, module.to(device), cfg, ds_config)
+    bundle = ModelBundle(handles)
+    adapter = family.build_adapter(cfg, device, {n: h.module for n, h in handles.items()})
+    # The same seed on every rank: methods derive per-step draws (e.g. the exit step) from it.
+    method = build_method(cfg.recipe.method, bundle, adapter, cfg.method_config, seed=cfg.training.seed)
+    return Run(cfg=cfg, bundle=bundle, adapter=adapter, method=method,
+               data=build_data(cfg, family), device=device)

@@ -1,0 +1,172 @@
+"""The training loop. It knows no algorithm: each step it hands a batch to ``method.train_step``,
+then logs, counts skipped steps and writes checkpoints.
+
+    for step in range(start, max_steps):
+        logs = method.train_step(next(data), step)
+        non-finite loss/grad -> counted; after N in a row: checkpoint and stop
+        every log_every:        one line, TensorBoard scalars
+        every checkpoint_every: atomic role-based checkpoint
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megadistill.config import config_to_dict, save_config
+
+from .checkpoint import load_training_checkpoint, resolve_resume, save_training_checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int, rank: int):
+    import random
+
+    import numpy as np
+
+    s = seed * 100_003 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _all_ranks_max(value: float) -> float:
+    """The step is skipped on every rank if it is non-finite on one (ranks must agree)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class Trainer:
+    def __init__(self, run, output_dir, max_steps: int | None = None, checkpoint_every: int | None = None,
+                 resume=None, progress: bool = True):
+        cfg = run.cfg
+        self.run = run
+        self.output_dir = Path(output_dir)
+        self.max_steps = max_steps or cfg.training.max_steps
+        self.checkpoint_every = cfg.checkpoint.every if checkpoint_every is None else checkpoint_every
+        self.resume = cfg.checkpoint.resume if resume is None else resume
+        self.log_every = cfg.logging.log_every
+        self.max_nonfinite = cfg.training.max_nonfinite_steps
+        self.progress = progress and _rank() == 0
+        self.step = 0
+        self.skipped_total = 0
+        self.skipped_in_row = 0
+        self.history = []  # (step, logs) of this process, for tests and the final summary
+        self.writer = None
+
+    # -- state --
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "skipped_total": self.skipped_total,
+                "skipped_in_row": self.skipped_in_row, "data": self.run.data.state_dict()}
+
+    def save(self):
+        return save_training_checkpoint(self.output_dir, self.step, self.run.bundle.roles,
+                                        self.trainer_state(), config_to_dict(self.run.cfg),
+                                        keep_last=self.run.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self):
+        path = resolve_resume(self.resume, self.output_dir)
+        if path is None:
+            return None
+        state = load_training_checkpoint(path, self.run.bundle.roles)
+        self.step = int(state["step"])
+        self.skipped_total = int(state["skipped_total"])
+        self.skipped_in_row = int(state["skipped_in_row"])
+        self.run.data.load_state_dict(state["data"])
+        return path
+
+    # -- logging --
+    def _open_logs(self):
+        if _rank() != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.run.cfg, self.output_dir / "config.yaml")
+        if self.run.cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _log(self, step, logs, dt, samples):
+        if _rank() != 0:
+            return
+        scalars = {**logs, "step_time_s": dt, "samples_per_s": samples / dt if dt > 0 else 0.0,
+                   "skipped_steps": self.skipped_total}
+        for h in self.run.bundle.roles.values():
+            if h.trainable:
+                opt = h.engine.optimizer if h.engine is not None else h.optimizer
+                scalars[f"lr/{h.name}"] = opt.param_groups[0]["lr"]
+        if torch.cuda.is_available():
+            scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, step)
+        with open(self.output_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                         if isinstance(v, float) and not k.startswith("lr/"))
+        print(f"step {step}/{self.max_steps} {shown}", flush=True)
+
+    # -- loop --
+    def fit(self):
+        self._open_logs()
+        # Fresh runs draw their noise from (seed, rank): ranks differ, reruns repeat. A resumed run
+        # gets every RNG state back from the checkpoint instead.
+        seed_everything(self.run.cfg.training.seed, _rank())
+        resumed = self.maybe_resume()
+        if resumed is not None and _rank() == 0:
+            print(f"resumed from {resumed} at step {self.step}", flush=True)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        batch_size = self.run.cfg.training.micro_batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            batch = next(self.run.data)
+            logs = self.run.method.train_step(batch, self.step)
+            worst = _all_ranks_max(max((0.0 if math.isfinite(v) else math.inf)
+                                       for v in logs.values() if isinstance(v, float)) if logs else 0.0)
+            if not math.isfinite(worst):
+                self.skipped_total += 1
+                self.skipped_in_row += 1
+                logs = {**logs, "skipped": 1.0}
+            else:
+                self.skipped_in_row = 0
+            self.history.append((self.step, logs))
+            dt = time.perf_counter() - t0
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % self.log_every == 0 or self.step == self.max_steps:
+                self._log(self.step, logs, dt, batch_size)
+            if self.max_nonfinite and self.skipped_in_row >= self.max_nonfinite:
+                path = self.save()
+                raise NonFiniteError(
+                    f"{self.skipped_in_row} consecutive steps had a non-finite loss or gradient "
+                    f"(up to step {self.step}); stopped and wrote {path}. Lower the learning rate, "
+                    "check the data, or raise training.max_nonfinite_steps.")
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if not self.checkpoint_every or self.step % self.checkpoint_every:
+            self.save()
+        if self.writer is not None:
+            self.writer.close()
+        return self.history
