@@ -45,8 +45,7 @@ def main(argv=None):
     dev = torch.device(args.device)
     cfg = get_preset(args.preset).replace(num_layers=args.layers)
     ours = init_weights(WanDiT(cfg), seed=0).to(dev, dtype)
-    kw = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
-    theirs = WanTransformer3DModel(**kw)
+    theirs = WanTransformer3DModel(**cfg.diffusers_init_kwargs())
     theirs.load_state_dict({native_to_diffusers(k): v for k, v in ours.state_dict().items()})
     theirs = theirs.to(dev, dtype)
 

@@ -32,6 +32,7 @@ this rank finds no readable sample at all raises (the data cannot feed the run).
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -113,7 +114,9 @@ def write_latent_shards(samples_iter: Iterable[dict], out_dir, samples_per_shard
 
     Every sample must share the latent shape and text width of the first. Keys default to the
     sample's running index (``000000042``). ``out_dir`` may not hold shards already unless
-    ``overwrite`` (they are then deleted first). Memory holds one shard's samples at a time.
+    ``overwrite`` (they are then deleted first). Memory holds one shard's samples at a time. A bad
+    sample raises and deletes the shards this call wrote (an interrupted run keeps them: each shard
+    on disk is complete).
     """
     if int(samples_per_shard) != samples_per_shard or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r} must be a positive integer")
@@ -125,7 +128,18 @@ def write_latent_shards(samples_iter: Iterable[dict], out_dir, samples_per_shard
                               "empty folder or pass overwrite=True (--overwrite)")
     for p in old:
         p.unlink()
-    written, pending, seen, ref = [], [], set(), None
+    written = []
+    try:
+        _write_all(samples_iter, out, int(samples_per_shard), written)
+    except Exception:
+        for p in written:  # a dataset cut short by bad input must not pass for a complete one
+            p.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _write_all(samples_iter, out: Path, samples_per_shard: int, written: list):
+    pending, seen, ref = [], set(), None
     for i, sample in enumerate(samples_iter):
         shape = _check_sample(i, sample)
         if ref is None:
@@ -147,7 +161,6 @@ def write_latent_shards(samples_iter: Iterable[dict], out_dir, samples_per_shard
         _write_shard(written[-1], pending)
     if not written:
         raise ValueError("write_latent_shards: no samples given")
-    return written
 
 
 # --- shard discovery ----------------------------------------------------------------------------------
@@ -404,7 +417,9 @@ class LatentShardStream:
 
     def _identity(self) -> dict:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "shuffle_buffer": self.shuffle_buffer, "shards": [os.path.basename(s) for s in self.shards]}
+                "shuffle_buffer": self.shuffle_buffer, "num_shards": len(self.shards),
+                "shards_digest": hashlib.blake2b("\n".join(os.path.basename(s) for s in self.shards).encode(),
+                                                 digest_size=8).hexdigest()}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch, "window_start": list(self._start),

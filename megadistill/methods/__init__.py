@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods (``dmd2``, ``finetune``) with the registry.
 """
 from .adapter import LATENT_SOURCES, Adapter, PreparedBatch
-from .base import TrainingMethod, flow_matching_loss
+from .base import SamplingSpec, TrainingMethod, flow_matching_loss
 from .dmd2 import DMD2Config, DMD2Method, dmd_gradient, dmd_loss
 from .finetune import FinetuneConfig, FinetuneMethod
 from .registry import available_methods, build_method, get_method_class, register_method
@@ -11,6 +11,6 @@ from .roles import EMA, ModelBundle, RoleError, RoleHandle
 
 __all__ = [
     "Adapter", "DMD2Config", "DMD2Method", "EMA", "FinetuneConfig", "FinetuneMethod", "LATENT_SOURCES",
-    "ModelBundle", "PreparedBatch", "RoleError", "RoleHandle", "TrainingMethod", "available_methods",
+    "ModelBundle", "PreparedBatch", "RoleError", "RoleHandle", "SamplingSpec", "TrainingMethod", "available_methods",
     "build_method", "dmd_gradient", "dmd_loss", "flow_matching_loss", "get_method_class", "register_method",
 ]

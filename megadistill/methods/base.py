@@ -27,6 +27,20 @@ from .adapter import Adapter
 from .roles import ModelBundle
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """How a method's trained role generates (validation, ``launch/sample.py``): the role, its
+    timestep list (descending, ending above 0; the sampler finishes at 0), the sampler kind
+    (``ode``: Euler on the flow; ``sde``: predict x0 and re-noise, DMD's few-step sampler) and
+    optional classifier-free guidance with its explicit convention."""
+
+    role: str
+    timesteps: tuple
+    sampler: str
+    guidance_scale: Optional[float] = None
+    guidance_convention: Optional[str] = None
+
+
 class TrainingMethod(abc.ABC):
     """Base of all methods. Subclasses set ``name`` and ``roles`` (role -> trainable)."""
 
@@ -47,6 +61,11 @@ class TrainingMethod(abc.ABC):
     @abc.abstractmethod
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """The model calls of ``train_step(·, step)`` per microbatch, as ordered phases."""
+
+    @abc.abstractmethod
+    def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
+        """How the trained role samples; ``num_steps`` overrides the method's own step count where
+        the method has no fixed step list."""
 
 
 # -- method_config parsing -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from megadistill.diffusion import CONVENTIONS, denoising_step_list, guided_predi
 from megadistill.pipeline.graph import BACKWARD, FORWARD, FORWARD_NOGRAD, Op, OpGraph
 
 from .adapter import Adapter, PreparedBatch
-from .base import (TrainingMethod, config_error, derive_seed, flow_matching_loss, parse_method_config,
+from .base import (SamplingSpec, TrainingMethod, config_error, derive_seed, flow_matching_loss, parse_method_config,
                    require_bool, require_choice, require_int, require_number)
 from .registry import register_method
 from .roles import ModelBundle
@@ -272,6 +272,12 @@ class DMD2Method(TrainingMethod):
             kind = FORWARD if with_grad and j == exit_index else FORWARD_NOGRAD
             ops.append(Op("student", kind, m, f"student.step{j}", deps=(ops[-1].name,) if ops else ()))
         return ops
+
+    def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
+        """The student's few-step list with DMD's sampler (predict x0, re-noise); ``num_steps`` is
+        ignored: a DMD2 student is trained for exactly its step list."""
+        return SamplingSpec(role="student", timesteps=tuple(float(t) for t in self.denoising_steps),
+                            sampler="sde")
 
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """Phases of ``train_step(·, step)``: [generator graph] (generator steps only) + critic graph.

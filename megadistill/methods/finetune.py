@@ -20,7 +20,7 @@ from megadistill.diffusion import FlowMatchScheduler
 from megadistill.pipeline.graph import BACKWARD, FORWARD, Op, OpGraph
 
 from .adapter import Adapter, PreparedBatch
-from .base import TrainingMethod, flow_matching_loss, parse_method_config, require_number
+from .base import SamplingSpec, TrainingMethod, flow_matching_loss, parse_method_config, require_number
 from .registry import register_method
 from .roles import ModelBundle
 
@@ -86,6 +86,15 @@ class FinetuneMethod(TrainingMethod):
         if norm is not None:  # an engine without a global norm reports none
             logs["grad_norm"] = norm
         return logs
+
+    def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
+        """Euler on the flow over ``num_steps`` (default 50) uniform steps of the shifted schedule."""
+        from megadistill.diffusion import sample_timesteps_uniform
+
+        sched = self.adapter.noise_scheduler
+        steps = sample_timesteps_uniform(num_steps or 50, shift=sched.shift,
+                                         num_train_timesteps=sched.num_train_timesteps)
+        return SamplingSpec(role="student", timesteps=tuple(float(t) for t in steps), sampler="ode")
 
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """One phase: per microbatch ``student.denoise`` (forward) and ``student.backward``."""

@@ -190,7 +190,11 @@ class RoleHandle:
 
 
 def _engine_has_optimizer(engine) -> bool:
-    return getattr(engine, "optimizer", None) is not None
+    """A frozen role under ZeRO-3 is an engine without a client optimizer: DeepSpeed then holds a
+    parameter-partitioning object (``DeepSpeedZeRoOffload``) in ``engine.optimizer``, which gathers
+    weights layer by layer for forward but updates nothing."""
+    opt = getattr(engine, "optimizer", None)
+    return opt is not None and type(opt).__name__ != "DeepSpeedZeRoOffload"
 
 
 class ModelBundle:

@@ -13,7 +13,10 @@ from megadistill import distributed as grid_lib
 from megadistill.config import ConfigError, RunConfig
 from megadistill.methods.registry import build_method
 from megadistill.methods.roles import EMA, ModelBundle, RoleHandle
+from megadistill.distributed.zero import zero_stage
 from megadistill.models.registry import get_family
+
+from .ema import PartitionedEMA
 
 
 @dataclass
@@ -66,6 +69,14 @@ def build_handle(name: str, module, cfg: RunConfig, ds_config: dict | None) -> R
     mc = cfg.models[name]
     if not mc.trainable:
         module.eval().requires_grad_(False)
+        if zero_stage(ds_config) == 3:
+            # The frozen teacher is partitioned like the trained roles; DeepSpeed gathers each
+            # layer for its forward and frees it after (no optimizer, no gradients).
+            import deepspeed
+
+            engine, _, _, _ = deepspeed.initialize(model=module, config=role_ds_config(ds_config, cfg, name, False),
+                                                   mpu=grid_lib.mpu)
+            return RoleHandle(name=name, module=None, trainable=False, engine=engine)
         return RoleHandle(name=name, module=module, trainable=False)
     o = cfg.training.optim_for(name)
     optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=tuple(o.betas),
@@ -74,11 +85,8 @@ def build_handle(name: str, module, cfg: RunConfig, ds_config: dict | None) -> R
         optimizer, lr_lambda(cfg.training.lr_scheduler, cfg.training.warmup_steps, cfg.training.max_steps))
     ema = None
     if name == "student" and cfg.training.ema is not None:
-        if ds_config and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ConfigError("config", "training.ema",
-                              "EMA of a ZeRO-3 partitioned student is not supported yet; set "
-                              "training.ema: null or use ZeRO stage 1/2 in the DeepSpeed config")
-        ema = EMA(module, cfg.training.ema.decay, cfg.training.ema.start_step)
+        ema_cls = PartitionedEMA if zero_stage(ds_config) == 3 else EMA
+        ema = ema_cls(module, cfg.training.ema.decay, cfg.training.ema.start_step)
     if ds_config is None:
         return RoleHandle(name=name, module=module, trainable=True, optimizer=optimizer,
                           lr_scheduler=schedule, ema=ema, grad_clip=o.grad_clip or None)
@@ -113,6 +121,13 @@ def build_data(cfg: RunConfig, family):
 def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
     p = cfg.parallel
     grid_lib.initialize(tp=p.tp, sp=p.sp, pp=p.pp)
+    if ds_config is not None:
+        import deepspeed
+        import torch.distributed as dist
+
+        # DeepSpeed keeps its own handle on the (already created) default group; zero.Init needs it.
+        if dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
     if p.tp > 1 or p.sp > 1 or p.pp > 1:
         raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} pp={p.pp}: the trainer runs "
                           "data parallel (ZeRO) layouts only so far; set parallel.tp/sp/pp to 1")
@@ -122,7 +137,10 @@ def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
     for index, name in enumerate(("student", "teacher", "critic")):
         if name not in cfg.models:
             continue
-        module = family.build_model(cfg.models[name], cfg, seed=cfg.training.seed + 1000 * index)
+        zero3 = role_ds_config(ds_config, cfg, name, cfg.models[name].trainable) \
+            if zero_stage(ds_config) == 3 else None
+        module = family.build_model(cfg.models[name], cfg, seed=cfg.training.seed + 1000 * index,
+                                    zero3_config=zero3, mpu=grid_lib.mpu if zero3 else None)
         handles[name] = build_handle(name, module.to(device), cfg, ds_config)
     bundle = ModelBundle(handles)
     adapter = family.build_adapter(cfg, device, {n: h.module for n, h in handles.items()})

@@ -7,7 +7,8 @@ Layout of one checkpoint::
         <role>/                    DeepSpeed engine checkpoint (ZeRO partitions of every rank)
         <role>.safetensors         or, for a plain module: weights (rank 0)
         <role>.optim.pt            and its optimizer / lr-scheduler state (rank 0)
-        ema_<role>.safetensors     EMA weights of a role that keeps one (rank 0)
+        ema_<role>.safetensors     EMA weights of a role that keeps one (rank 0), or under ZeRO-3
+        ema_<role>_rank<r>.safetensors   each rank's partition of them
         trainer_rank<r>.pt         per-rank trainer state: data position and every RNG state
 
 Every rank writes into ``step_XXXXXXXX.tmp``; after a barrier rank 0 writes ``meta.json`` and
@@ -144,7 +145,9 @@ def save_training_checkpoint(output_dir, step: int, handles: dict, trainer_state
             _atomic_torch_save({"optimizer": h.optimizer.state_dict() if h.optimizer else None,
                                 "lr_scheduler": h.lr_scheduler.state_dict() if h.lr_scheduler else None},
                                tmp / f"{name}.optim.pt")
-        if h.ema is not None and rank == 0:
+        if h.ema is not None and getattr(h.ema, "partitioned", False):
+            save_file(h.ema.state_dict(), str(tmp / f"ema_{name}_rank{rank}.safetensors"))
+        elif h.ema is not None and rank == 0:
             save_file(h.ema.state_dict(), str(tmp / f"ema_{name}.safetensors"))
     _atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{rank}.pt")
     _fault_point("checkpoint_written", step, rank)
@@ -186,9 +189,9 @@ def load_training_checkpoint(path, handles: dict) -> dict:
                 h.optimizer.load_state_dict(opt["optimizer"])
             if h.lr_scheduler is not None and opt["lr_scheduler"] is not None:
                 h.lr_scheduler.load_state_dict(opt["lr_scheduler"])
-        ema_file = path / f"ema_{name}.safetensors"
-        if h.ema is not None and ema_file.is_file():
-            h.ema.load_state_dict(load_file(str(ema_file)))
+        if h.ema is not None:
+            part = "_rank%d" % _rank() if getattr(h.ema, "partitioned", False) else ""
+            h.ema.load_state_dict(load_file(str(path / f"ema_{name}{part}.safetensors")))
     state = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=True)
     set_rng_state(state.pop("rng"))
     return state

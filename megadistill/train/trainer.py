@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megadistill.config import config_to_dict, save_config
 
 from .checkpoint import load_training_checkpoint, resolve_resume, save_training_checkpoint
+from .validation import default_prompts, run_validation
 
 
 class NonFiniteError(RuntimeError):
@@ -67,6 +68,9 @@ class Trainer:
         self.skipped_in_row = 0
         self.history = []  # (step, logs) of this process, for tests and the final summary
         self.writer = None
+        self.validation_every = cfg.logging.validation_every
+        # Fixed before any batch is drawn, so a resumed run validates on the same prompts.
+        self.validation_prompts = default_prompts(cfg, run.data) if self.validation_every else []
 
     # -- state --
     def trainer_state(self) -> dict:
@@ -121,12 +125,21 @@ class Trainer:
                          if isinstance(v, float) and not k.startswith("lr/"))
         print(f"step {step}/{self.max_steps} {shown}", flush=True)
 
+    def validate(self):
+        out = run_validation(self.run, self.step, self.output_dir, self.validation_prompts, self.writer,
+                             seed=self.run.cfg.training.seed)
+        if out is not None:
+            print(f"step {self.step}: validation samples in {out}", flush=True)
+
     # -- loop --
     def fit(self):
         self._open_logs()
-        # Fresh runs draw their noise from (seed, rank): ranks differ, reruns repeat. A resumed run
-        # gets every RNG state back from the checkpoint instead.
-        seed_everything(self.run.cfg.training.seed, _rank())
+        # Fresh runs draw their noise from (seed, data-parallel rank): data-parallel replicas differ,
+        # tensor/sequence-parallel peers of one replica draw the same noise, reruns repeat. A resumed
+        # run gets every RNG state back from the checkpoint instead.
+        from megadistill import distributed as grid
+
+        seed_everything(self.run.cfg.training.seed, grid.get_dp_rank() if grid.is_initialized() else 0)
         resumed = self.maybe_resume()
         if resumed is not None and _rank() == 0:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
@@ -163,10 +176,14 @@ class Trainer:
                     "check the data, or raise training.max_nonfinite_steps.")
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save()
+            if self.validation_every and self.step % self.validation_every == 0:
+                self.validate()
         if bar is not None:
             bar.close()
         if not self.checkpoint_every or self.step % self.checkpoint_every:
             self.save()
+        if self.validation_every and self.step % self.validation_every:
+            self.validate()
         if self.writer is not None:
             self.writer.close()
         return self.history

@@ -57,6 +57,12 @@ def test_round_trip_padding_and_webdataset_compatibility(tmp_path):
     with pytest.raises(FileExistsError, match="already holds 3 shards"):
         write_latent_shards(iter(samples), tmp_path / "ds", samples_per_shard=4)
 
+    bad = make_samples(6)
+    bad[5]["latents"] = torch.zeros(16, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"sample 5: latents \[16, 3, 4, 4\]"):
+        write_latent_shards(iter(bad), tmp_path / "bad", samples_per_shard=2)
+    assert list((tmp_path / "bad").iterdir()) == []  # the two shards already written are removed
+
     import webdataset as wds  # the shards are plain WebDataset tars
     keys = [(s["__key__"], sorted(k for k in s if not k.startswith("__")))
             for s in wds.WebDataset(str(paths[0]), shardshuffle=False)]
@@ -155,8 +161,9 @@ def _rewrite_member(path, key_ext, data):
 def test_corrupt_shard_and_samples_are_skipped_and_counted(tmp_path, caplog):
     samples = make_samples(12)
     paths = write_latent_shards(iter(samples), tmp_path, samples_per_shard=4)
-    raw = paths[1].read_bytes()
-    paths[1].write_bytes(raw[: len(raw) // 2 + 100])  # truncated mid-member: samples 4, 5 survive
+    with tarfile.open(paths[1]) as tf:
+        cut = tf.getmember("000000006.latents.safetensors").offset_data + 100
+    paths[1].write_bytes(paths[1].read_bytes()[:cut])  # truncated inside sample 6: samples 4, 5 survive
     _rewrite_member(paths[2], "000000009.latents.safetensors", b"\x00garbage")  # undecodable
     _rewrite_member(paths[2], "000000010.prompt.txt", None)  # incomplete
     nan = samples[11]["latents"].clone()

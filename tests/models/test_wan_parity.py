@@ -12,8 +12,7 @@ TOL = 1e-5
 
 
 def diffusers_twin(model: WanDiT) -> WanTransformer3DModel:
-    kw = {k: v for k, v in model.config.to_diffusers().items() if not k.startswith("_")}
-    ref = WanTransformer3DModel(**kw).eval()
+    ref = WanTransformer3DModel(**model.config.diffusers_init_kwargs()).eval()
     ref.load_state_dict({native_to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
     return ref
 

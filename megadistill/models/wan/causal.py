@@ -34,14 +34,21 @@ copy instead of the cache, which may have moved on (evicted or refreshed) by the
 Cross-attention K/V of the prompt are computed once per cache (first call) and reused by calls
 without grad; a call under grad projects them again so that the text embedding and the
 cross-attention k/v weights get their gradient.
+
+Parallel: ``parallelize_wan(model, tp_group, sp_group)`` keeps the class. Under tensor parallel the
+layers hold head shards and so does the cache; under Ulysses each rank runs its chunk of the
+clip's or block's tokens and the cache write runs inside the wrapped ``attn_fn``, after the
+all-to-all, on the full block sequence of a head shard.
 """
 from __future__ import annotations
 
 import torch
 
+from megadistill.distributed.comm import group_rank, group_size
 from megadistill.kernels import attention
 
 from .dit import WanAttention, WanDiT, rope_cos_sin
+from .parallel import _local_time, chunk_bounds, gather_chunks, local_chunk
 
 _MASK_KWARGS = ("block_causal_tokens", "q_offset", "key_lens", "window_tokens", "sink_tokens")
 
@@ -64,8 +71,11 @@ class KVCache:
                  window_frames: int | None = None, max_frames: int | None = None):
         if window_frames is None and sink_frames:
             raise ValueError("KVCache: sink_frames need window_frames")
-        if window_frames is None and max_frames != storage_frames:
-            raise ValueError("KVCache: without a window the storage holds max_frames frames")
+        if window_frames is None:
+            if max_frames not in (None, storage_frames):
+                raise ValueError(f"KVCache: without a window the storage holds max_frames={max_frames} "
+                                 f"frames, got storage_frames={storage_frames}")
+            max_frames = storage_frames
         self.num_layers, self.batch = int(num_layers), int(batch)
         self.storage_frames = int(storage_frames)
         self.sink_frames = int(sink_frames)
@@ -134,13 +144,14 @@ class KVCache:
         if b != self.batch:
             raise ValueError(f"keys have batch {b}, the cache was made for batch {self.batch}")
         held = self.k[layer]
-        if held is None or (self.end_frame == 0 and (held.dtype, held.device) != (k.dtype, k.device)):
+        fits = held is not None and (tuple(held.shape), held.dtype, held.device) == (shape, k.dtype, k.device)
+        if not fits and self.end_frame == 0:  # first block after creation or reset: (re)allocate
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        elif tuple(held.shape) != shape or held.dtype != k.dtype or held.device != k.device:
+        elif not fits:
             raise ValueError(f"layer {layer}: keys {tuple(k.shape)} {k.dtype} on {k.device} do not fit the "
-                             f"cache's {tuple(held.shape)} {held.dtype} on {held.device} (heads per rank "
-                             "changed mid-rollout?); call cache.reset()")
+                             f"cache's {tuple(held.shape)} {held.dtype} on {held.device} (heads per rank or "
+                             "dtype changed mid-rollout?); call cache.reset() to start a new rollout")
         return self.k[layer], self.v[layer]
 
     def commit(self, write: "BlockWrite"):
@@ -202,12 +213,16 @@ class CausalSelfAttentionFn:
     def __call__(self, q, k, v, *, kv_cache_write: BlockWrite | None = None, **kwargs):
         if kv_cache_write is None:
             return self.inner(q, k, v, **kwargs)
-        given = [n for n in _MASK_KWARGS if kwargs.get(n) not in (None, 0)]
+        given = [n for n in _MASK_KWARGS if kwargs.get(n) is not None and not _is_zero(kwargs[n])]
         if given:
             raise ValueError(f"the cached path takes no attention mask, got {given}; under Ulysses the "
                              "block's token count must divide by the sequence-parallel size (no padding)")
         k_all, v_all = kv_cache_write.write_and_read(self.layer_index, k, v)
         return self.inner(q, k_all, v_all, **kwargs)
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, int) and value == 0
 
 
 class CrossKV:
@@ -288,6 +303,22 @@ class CausalWanDiT(WanDiT):
 
     # -- masks and checks --
 
+    def _blocks_and_head(self, x, e, e0, context, rope, grid, attn_kwargs):
+        """The blocks and the head over tokens ``x [B, S, C]`` -> ``[B, 16, F, H, W]``. Under Ulysses
+        (``parallelize_wan`` with an sp group sets ``self.sp_group``) each rank runs its chunk of
+        the S tokens, as ``ParallelWanDiT`` does: time and RoPE of its tokens, padded keys masked
+        through ``valid_len``, the output chunks all-gathered at the end."""
+        sp = getattr(self, "sp_group", None)
+        if group_size(sp) == 1:
+            x = self.run_blocks(x, e0, context, rope, attn_kwargs)
+            return self.unpatchify(self.head(x, e), grid)
+        num_tokens = x.shape[1]
+        start, n, _ = chunk_bounds(num_tokens, group_rank(sp), group_size(sp))
+        e, e0 = _local_time(e, e0, grid, start, n)
+        rope = tuple(local_chunk(r, sp, dim=0) for r in rope)
+        x = self.run_blocks(local_chunk(x, sp), e0, context, rope, {**attn_kwargs, "valid_len": num_tokens})
+        return self.unpatchify(gather_chunks(self.head(x, e), num_tokens, sp), grid)
+
     def mask_kwargs(self, tokens_per_frame: int) -> dict:
         """Attention kwargs of the masked path for frames of ``tokens_per_frame`` tokens."""
         kw = {"block_causal_tokens": self.num_frame_per_block * tokens_per_frame}
@@ -305,7 +336,7 @@ class CausalWanDiT(WanDiT):
 
     # -- masked path --
 
-    def forward(self, latents, t_per_frame, text_states):
+    def forward(self, latents, t_per_frame, text):
         """Whole clip ``[B,16,F,H,W]`` with block-causal (windowed) self-attention; ``t_per_frame``
         ``[B, F]`` or ``[B]``; returns the flow prediction ``[B,16,F,H,W]``."""
         grid = self.token_grid(latents)
@@ -314,10 +345,9 @@ class CausalWanDiT(WanDiT):
                              f"{self.num_frame_per_block}; pad or trim the clip to whole blocks")
         x = self.embed_tokens(latents.to(self.patch_embedding.weight.dtype))
         e, e0 = self._frame_time(t_per_frame, latents.shape[0], grid[0], x.device)
-        context = self.embed_text(text_states.to(x.dtype))
+        context = self.embed_text(text.to(x.dtype))
         rope = rope_cos_sin(self.config, grid, x.device)
-        x = self.run_blocks(x, e0, context, rope, self.mask_kwargs(grid[1] * grid[2]))
-        return self.unpatchify(self.head(x, e), grid)
+        return self._blocks_and_head(x, e, e0, context, rope, grid, self.mask_kwargs(grid[1] * grid[2]))
 
     # -- cached path --
 
@@ -365,9 +395,9 @@ class CausalWanDiT(WanDiT):
         e, e0 = self._frame_time(t_block, batch, grid[0], x.device)
         cross = self._cross_kv(text, cache, x.dtype)
         rope = rope_cos_sin(self.config, grid, x.device, frame_offset=int(start_frame))
-        x = self.run_blocks(x, e0, cross, rope, {"kv_cache_write": write})
+        out = self._blocks_and_head(x, e, e0, cross, rope, grid, {"kv_cache_write": write})
         cache.commit(write)
-        return self.unpatchify(self.head(x, e), grid)
+        return out
 
     def _cross_kv(self, text, cache: KVCache, dtype) -> CrossKV:
         if text is None:

@@ -107,6 +107,11 @@ class WanConfig:
         d.update(self._extra())
         return d
 
+    def diffusers_init_kwargs(self) -> dict:
+        """Keyword arguments of ``WanTransformer3DModel(...)`` for this shape."""
+        return {k: v for k, v in self.to_diffusers().items()
+                if not k.startswith("_") and k not in self._EXTRA_KEYS}
+
     def _extra(self) -> dict:
         """megadistill-only fields, written only where they differ from Wan's defaults."""
         default = WanConfig()
@@ -125,6 +130,9 @@ class WanConfig:
 PRESETS = {
     # Small enough for unit tests on one CPU core; 4 heads so that tp2 x sp2 divides them.
     "tiny": WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64, text_len=32),
+    # The synthetic-world teacher: "tiny" is too shallow to bind colours to directions; this is
+    # the smallest shape we found that does, still a few MB and fast on one CPU core.
+    "tiny-teacher": WanConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, text_len=32),
     "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # Wan2.2 A14B: two experts (high/low noise), each with the 14B shape.

@@ -317,20 +317,28 @@ def _linear_f32(layer: nn.Linear, x):
     return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
+def init_value(name: str, shape, seed: int = 0, std: float | None = None) -> torch.Tensor:
+    """Deterministic random value of parameter ``name`` for tests and synthetic models: normal with
+    std 1/sqrt(fan_in) for weights, 1/sqrt(dim) for modulation tables, small normal for biases, about
+    one for norm weights. Seeded per (seed, name), so a parameter's value does not depend on how or
+    in which order the model was built (plain, meta, or ZeRO-3 partitioned)."""
+    import zlib
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    shape = tuple(shape)
+    if name.endswith("modulation"):
+        return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+    if "norm" in name.split(".")[-2]:
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return torch.randn(shape, generator=g) * (std if std is not None else fan_in ** -0.5)
+    return 0.02 * torch.randn(shape, generator=g)
+
+
 def init_weights(model: nn.Module, seed: int = 0, std: float | None = None):
-    """Deterministic random init for tests and synthetic models: normal(0, 1/sqrt(fan_in)) for
-    weights, small normal for biases, ones for norm weights."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("modulation"):
-            val = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
-        elif "norm" in name.split(".")[-2]:
-            val = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-        elif p.ndim >= 2:
-            fan_in = math.prod(p.shape[1:])
-            val = torch.randn(p.shape, generator=g) * (std if std is not None else fan_in ** -0.5)
-        else:
-            val = 0.02 * torch.randn(p.shape, generator=g)
-        with torch.no_grad():
-            p.copy_(val.to(p.dtype))
+    """Fill every parameter of ``model`` with :func:`init_value`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_value(name, p.shape, seed, std).to(p.dtype))
     return model

@@ -8,32 +8,57 @@ import torch
 from megadistill.config import ConfigError
 
 from .config import get_preset
-from .dit import WanDiT, init_weights
+from .dit import WanDiT, init_value, init_weights
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(model_cfg, run_cfg, seed: int):
+def build_model(model_cfg, run_cfg, seed: int, zero3_config: dict | None = None, mpu=None):
     """A role's DiT: loaded from ``path`` (any Wan format), or a preset with a deterministic random
-    init (the same on every rank, so data-parallel replicas start equal)."""
+    init (the same on every rank, so data-parallel replicas start equal). With ``zero3_config`` the
+    model is built partitioned under ``deepspeed.zero.Init`` and filled tensor by tensor, so no rank
+    holds all of it."""
     dtype = _DTYPES[model_cfg.dtype]
     text_len = run_cfg.pipeline_config.text_len
     if model_cfg.causal:
         raise ConfigError("config", "models.*.causal", "the causal Wan DiT is not available yet")
-    if model_cfg.path:
+    if zero3_config is not None:
+        model = _build_partitioned(model_cfg, text_len, seed, zero3_config, mpu, dtype)
+    elif model_cfg.path:
         model = WanDiT.from_pretrained(model_cfg.path, dtype=dtype)
         if model.config.text_len != text_len:
             raise ConfigError("config", "pipeline_config.text_len",
                               f"{text_len} differs from the checkpoint's text_len "
                               f"{model.config.text_len} ({model_cfg.path})")
     else:
-        try:
-            config = get_preset(model_cfg.preset).replace(text_len=text_len)
-        except ValueError as e:
-            raise ConfigError("config", "models.*.preset", str(e)) from None
-        model = init_weights(WanDiT(config), seed=seed).to(dtype)
+        model = init_weights(WanDiT(_preset_config(model_cfg, text_len)), seed=seed).to(dtype)
     model.activation_checkpointing = run_cfg.parallel.activation_checkpointing
     return model
+
+
+def _preset_config(model_cfg, text_len):
+    try:
+        return get_preset(model_cfg.preset).replace(text_len=text_len)
+    except ValueError as e:
+        raise ConfigError("config", "models.*.preset", str(e)) from None
+
+
+def _build_partitioned(model_cfg, text_len, seed, ds_config, mpu, dtype):
+    from megadistill.distributed.zero import build_partitioned
+
+    if not model_cfg.path:
+        config = _preset_config(model_cfg, text_len)
+        return build_partitioned(lambda: WanDiT(config), ds_config,
+                                 lambda name, p: init_value(name, p.ds_shape, seed), mpu=mpu, dtype=dtype)
+    from .checkpoint import open_wan_checkpoint
+
+    with open_wan_checkpoint(model_cfg.path) as ckpt:
+        if ckpt.config.text_len != text_len:
+            raise ConfigError("config", "pipeline_config.text_len",
+                              f"{text_len} differs from the checkpoint's text_len "
+                              f"{ckpt.config.text_len} ({model_cfg.path})")
+        return build_partitioned(lambda: WanDiT(ckpt.config), ds_config,
+                                 lambda name, p: ckpt.load(name), mpu=mpu, dtype=dtype)
 
 
 _TINY_ENCODERS = {}

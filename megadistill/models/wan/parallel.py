@@ -163,7 +163,7 @@ def parallelize_wan(model: WanDiT, tp_group=None, sp_group=None, sequence_parall
     if sequence_parallel:
         raise NotImplementedError("Megatron sequence parallel (sequence_parallel=True) is not implemented for "
                                   "the Wan DiT; split the sequence with Ulysses (parallel.sp) instead")
-    if getattr(model, "tp_group", None) is not None or getattr(model, "sp_group", None) is not None:
+    if getattr(model, "parallelized", False):
         raise ValueError("this model is already parallelized")
     heads, tp, sp = model.config.num_heads, group_size(tp_group), group_size(sp_group)
     if heads % (tp * sp):
@@ -176,6 +176,7 @@ def parallelize_wan(model: WanDiT, tp_group=None, sp_group=None, sequence_parall
         model.__class__ = ParallelWanDiT
     model.tp_group = tp_group if tp > 1 else None
     model.sp_group = sp_group if sp > 1 else None
+    model.parallelized = True
     return model
 
 
@@ -401,20 +402,7 @@ def allreduce_sequence_parallel_grads(model: nn.Module, group) -> int:
     return count
 
 
-def register_zero3_external_parameters(model: WanDiT) -> WanDiT:
-    """Tell DeepSpeed ZeRO-3 that the model's own forward reads the time-path weights
-    (``WanDiT.embed_time`` applies ``time_embedding`` / ``time_projection`` weights in float32
-    without calling those modules, so ZeRO-3's per-module hooks would not gather them). Call before
-    ``deepspeed.initialize``."""
-    from deepspeed.zero import register_external_parameter
-
-    for module in (model.time_embedding, model.time_projection):
-        for p in module.parameters():
-            register_external_parameter(model, p)
-    return model
-
-
 __all__ = ["ParallelWanDiT", "UlyssesAttention", "allreduce_sequence_parallel_grads", "apply_sequence_parallel",
            "apply_tensor_parallel", "chunk_bounds", "full_state_dict", "gather_chunks", "gather_tp_tensor",
            "load_for_grid", "local_chunk", "mark_tensor_parallel_parameters", "parallelize_from_grid",
-           "parallelize_wan", "patchify", "patchify_output", "register_zero3_external_parameters"]
+           "parallelize_wan", "patchify", "patchify_output"]
