@@ -17,6 +17,13 @@ default with ``--steps``) or ``ode`` (Euler; default with ``--num-steps``). Guid
 with ``--guidance-convention cfg`` (uncond + s (cond - uncond)) or ``dmd`` (cond + g (cond - uncond)),
 unconditional text = ``--negative-prompt`` (default empty).
 
+``--causal``: the checkpoint is a block-causal student (self-forcing / ODE-init) and each video is
+streamed block by block with its KV cache: every block of ``--num-frame-per-block`` latent frames runs
+the few-step list (predict x0, re-noise), then its output is run once more at ``--context-noise`` to
+write the cache for the next block. ``--num-frames`` may exceed the training length; with
+``--local-attn-size`` (and ``--sink-size``) the cache stays bounded. Reports frames/s and the time to
+the first block. Block size, window and sinks default to the run config's pipeline_config.
+
 Writes ``<out>/sample_0000.safetensors`` (``latents [C, F, H, W]``, prompt and settings in the
 metadata), ``<out>/sample_0000.gif`` (decoded by ``--vae``, else a fixed projection of the latent
 channels) and ``<out>/samples.json``. The starting noise of sample ``i`` depends only on
@@ -70,7 +77,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model dtype")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads, when the checkpoint cannot tell")
-    p.add_argument("--causal", action="store_true", help="block-causal streaming generation (not available yet)")
+    p.add_argument("--causal", action="store_true", help="block-causal streaming generation with a KV cache")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="--causal: latent frames to generate (default: the latent shape's F; more runs past the "
+                        "training length, with --local-attn-size in bounded memory)")
+    p.add_argument("--num-frame-per-block", type=int, default=None, help="--causal: frames per block (default: run config)")
+    p.add_argument("--local-attn-size", type=int, default=None,
+                   help="--causal: attention window in latent frames, -1 = whole prefix (default: run config)")
+    p.add_argument("--sink-size", type=int, default=None, help="--causal: attention-sink frames (default: run config)")
+    p.add_argument("--context-noise", type=float, default=None,
+                   help="--causal: timestep of the cache refresh (default: the run's method_config.context_noise, else 0)")
     return p.parse_args(argv)
 
 
@@ -98,8 +114,9 @@ def export_tool():
     return sys.modules[name]
 
 
-def load_model(path, role: str, dtype, num_heads=None) -> tuple:
-    """``(WanDiT, run config dict or None, description)``."""
+def load_model(path, role: str, dtype, num_heads=None, causal=None) -> tuple:
+    """``(WanDiT, run config dict or None, description)``; with ``causal`` (a function of the run
+    config dict or None -> CausalWanDiT keyword arguments) the block-causal DiT instead."""
     from megadistill.models.wan import WanDiT
 
     tool = export_tool()
@@ -107,11 +124,17 @@ def load_model(path, role: str, dtype, num_heads=None) -> tuple:
         step_dir = tool.find_checkpoint(path)
     except CheckpointError:
         step_dir = None
+    cls, kwargs = WanDiT, {}
+    if causal is not None:
+        from megadistill.models.wan.causal import CausalWanDiT
+
+        run_cfg = None if step_dir is None else tool.read_meta(step_dir).get("config")
+        cls, kwargs = CausalWanDiT, causal(run_cfg)
     if step_dir is None:
-        return WanDiT.from_pretrained(path, dtype=dtype).eval(), None, f"model {path}"
+        return cls.from_pretrained(path, dtype=dtype, **kwargs).eval(), None, f"model {path}"
     tensors, config, meta = tool.read_role(step_dir, role, num_heads)
     with torch.device("meta"):
-        model = WanDiT(config)
+        model = cls(config, **kwargs)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -169,8 +192,7 @@ def generate(a) -> dict:
     from megadistill.train.sampling import Guidance, noise_for, sample_video, sampling_timesteps
 
     if a.causal:
-        raise NotImplementedError("--causal (block-causal streaming generation with a KV cache) is not available "
-                                  "yet; sample the bidirectional model without --causal")
+        return generate_causal(a)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size {a.batch_size} must be >= 1")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -235,6 +257,102 @@ def generate(a) -> dict:
             "what": what}
 
 
+def causal_settings(a):
+    """CausalWanDiT keyword arguments: command line over the run config's pipeline_config."""
+    def kwargs(run_cfg):
+        pc = (run_cfg or {}).get("pipeline_config", {})
+        n = a.num_frame_per_block or int(pc.get("num_frame_per_block", 3))
+        window = a.local_attn_size if a.local_attn_size is not None else int(pc.get("local_attn_size", -1))
+        sinks = a.sink_size if a.sink_size is not None else int(pc.get("sink_size", 0))
+        if window == 0 or window < -1:
+            raise ValueError(f"--local-attn-size {window}: give -1 (whole prefix) or a window >= one block")
+        return {"num_frame_per_block": n, "local_window_frames": None if window == -1 else window,
+                "sink_frames": sinks}
+    return kwargs
+
+
+def generate_causal(a) -> dict:
+    """Block-by-block generation with the KV cache (``megadistill.methods.causal_rollout``): each block
+    runs the whole step list (predict x0, re-noise), then its output refreshes the cache at the context
+    timestep. Blocks are timed as they stream out: time to the first block and frames/s."""
+    from megadistill.checkpoint import write_json_atomic
+    from megadistill.data.video_io import latents_to_preview, write_video
+    from megadistill.diffusion import FlowMatchScheduler
+    from megadistill.methods.causal_rollout import block_rollout
+    from megadistill.models.wan.adapter import WanAdapter
+    from megadistill.models.wan.family import load_text_encoder
+    from megadistill.train.sampling import noise_for, sampling_timesteps
+
+    if a.guidance_scale is not None:
+        raise ValueError("--causal samples a guidance-free (distilled) student; drop --guidance-scale")
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size {a.batch_size} must be >= 1")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[a.dtype]
+    prompts = read_prompt_arg(a.prompts)
+    model, run_cfg, what = load_model(a.checkpoint, a.role, dtype, a.num_heads, causal=causal_settings(a))
+    model = model.to(device)
+    s = resolve_settings(a, run_cfg)
+    if s["sampler"] != "sde":
+        raise ValueError("--causal samples with the few-step sampler (predict x0, re-noise per block); give --steps "
+                         "or let the run config supply them, without --sampler ode")
+    context = a.context_noise if a.context_noise is not None else \
+        float((run_cfg or {}).get("method_config", {}).get("context_noise", 0.0))
+    n = model.num_frame_per_block
+    frames = a.num_frames or s["latent_shape"][1]
+    if frames < 1 or frames % n:
+        raise ValueError(f"--num-frames {frames} must be a positive multiple of the {n} frames per block")
+    shape = [s["latent_shape"][0], frames, *s["latent_shape"][2:]]
+    if s["text_encoder"] is None:
+        raise ValueError("give --text-encoder (a folder/file, or 'tiny'); the checkpoint's run config names none")
+    encoder = load_text_encoder(s["text_encoder"], device, text_len=model.config.text_len,
+                                text_dim=model.config.text_dim)
+    scheduler = FlowMatchScheduler(s["num_train_timesteps"], s["shift"])
+    timesteps = sampling_timesteps(scheduler, steps=s["steps"], num_steps=s["num_steps"], warp=s["warp"])
+    T = scheduler.num_train_timesteps
+    adapter = WanAdapter(None, scheduler, latent_shape=shape, device=device, latent_dtype=dtype)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": what, "sampler": "causal", "timesteps": [round(t, 4) for t in timesteps.tolist()],
+                "shift": s["shift"], "frames_per_block": n, "local_attn_size": model.local_window_frames,
+                "sink_size": model.sink_frames, "context_noise": context, "seed": a.seed}
+    index, seconds, first_block = [], 0.0, []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for start in range(0, len(prompts), a.batch_size):
+        batch = prompts[start:start + a.batch_size]
+        text, _ = encoder.encode(batch)
+        cond = {"text_states": text.to(device, dtype)}
+        noise = torch.stack([noise_for(start + i, shape, a.seed) for i in range(len(batch))]).to(device, dtype)
+        generator = torch.Generator(device).manual_seed(a.seed * 1_000_003 + start)
+        sync()
+        t0 = time.perf_counter()
+
+        def on_block(b, x0, t0=t0):
+            if b == 0:
+                sync()
+                first_block.append(time.perf_counter() - t0)
+
+        latents = block_rollout(adapter, model, cond, noise, timesteps, [len(timesteps) - 1] * (frames // n),
+                                context_timestep=context * T / 1000.0, generator=generator, on_block=on_block)
+        sync()
+        seconds += time.perf_counter() - t0
+        for i, prompt in enumerate(batch):
+            name = f"sample_{start + i:04d}"
+            _save_latents(latents[i].float().cpu(), out / f"{name}.safetensors", {"prompt": prompt, **settings})
+            write_video(latents_to_preview(latents[i].float()), out / f"{name}.gif", fps=a.fps)
+            index.append({"latents": f"{name}.safetensors", "preview": f"{name}.gif", "prompt": prompt})
+    write_json_atomic(out / "samples.json", json.dumps({**settings, "samples": index}, indent=2) + "\n")
+    video_frames = 1 + VAE_TIME_STRIDE * (frames - 1)
+    return {"samples": len(prompts), "seconds": seconds, "latent_frames": frames, "video_frames": video_frames,
+            "frames_per_s": len(prompts) * video_frames / seconds if seconds > 0 else float("inf"),
+            "first_block_s": sum(first_block) / len(first_block),
+            "nfe": (frames // n) * (len(timesteps) + 1) - 1, "out": str(out), "what": what}
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_grad_enabled(False)
@@ -246,6 +364,8 @@ def main(argv=None) -> int:
     print(f"sampled {r['samples']} videos from {r['what']}: {r['nfe']} model calls each, {r['seconds']:.2f} s, "
           f"{r['frames_per_s']:.2f} frames/s ({r['video_frames']} video frames = {r['latent_frames']} latent "
           f"frames per video) -> {r['out']}")
+    if "first_block_s" in r:
+        print(f"streamed block by block: first block after {r['first_block_s']:.3f} s")
     return 0
 
 

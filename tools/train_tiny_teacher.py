@@ -1,16 +1,25 @@
 #!/usr/bin/env python
 """Reproduce the shipped tiny teacher (configs/weights/tiny_teacher) and check its quality.
 
-    python tools/train_tiny_teacher.py                      # train, export, evaluate
-    python tools/train_tiny_teacher.py --checkpoint DIR     # export + evaluate a finished run
+    python tools/train_tiny_teacher.py                      # both stages, export, evaluate
+    python tools/train_tiny_teacher.py --checkpoint DIR     # export + evaluate a finished stage 2
 
-1. trains ``configs/tiny_teacher_finetune.yaml`` (flow-matching finetune with CFG dropout on the
-   synthetic blob world) through ``launch/pretrain_dmd.py``, the launcher of every run;
-2. exports the EMA weights of the last checkpoint (the raw weights when the run kept no EMA) in
-   Wan's native format (``diffusion_pytorch_model.safetensors`` + ``config.json``) to ``--export``;
-3. samples the exported teacher (50-step Euler ODE with CFG) and a randomly initialised model of
-   the same shape on the same captions and noise, and prints their metrics as JSON. The teacher
-   passes when its prompt adherence is >= 0.9 and its FD <= 0.2 x the untrained model's FD.
+The teacher is trained with the ``finetune`` method (flow matching with CFG dropout on the
+synthetic blob world) through ``launch/pretrain_dmd.py``, the launcher of every run, in two
+stages (see docs/QUALITY.md for why):
+
+1. ``configs/tiny_teacher_finetune.yaml`` with ``STAGE1_OVERRIDES``: 1750 steps from a random
+   init at text length 32 (which cuts the end off the longest two-blob captions);
+2. the same config as written (text length 40, long enough for every caption), initialised from
+   stage 1's EMA weights, for ``training.max_steps`` steps.
+
+Then the EMA weights of stage 2's last checkpoint are exported in Wan's native format
+(``diffusion_pytorch_model.safetensors`` + ``config.json``) to ``--export``, and the exported
+teacher (50-step Euler ODE with CFG) and a randomly initialised model of the same shape are
+sampled on the same captions and noise. The teacher passes when its prompt adherence is >= 0.9
+and its FD <= 0.2 x the untrained model's FD. Everything runs with a fixed seed; on one machine
+the run repeats exactly.
+"""
 """
 import argparse
 import json
@@ -24,13 +33,15 @@ import torch
 
 DEFAULT_CONFIG = "configs/tiny_teacher_finetune.yaml"
 DEFAULT_EXPORT = "configs/weights/tiny_teacher"
+STAGE1_OVERRIDES = ["pipeline_config.text_len=32", "training.max_steps=1750", "training.warmup_steps=100",
+                    "training.ema.start_step=300"]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="finetune run config of the teacher")
     ap.add_argument("--output_dir", default="outputs/tiny_teacher", help="training output folder")
-    ap.add_argument("--max_steps", type=int, default=None, help="overrides training.max_steps")
+    ap.add_argument("--max_steps", type=int, default=None, help="overrides stage 2's training.max_steps")
     ap.add_argument("--checkpoint", default=None,
                     help="skip training: export this trainer checkpoint (a step_XXXXXXXX folder)")
     ap.add_argument("--export", default=DEFAULT_EXPORT, help="where the teacher weights are written")
@@ -41,12 +52,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def train(config: str, output_dir: str, max_steps) -> Path:
+def train(config: str, output_dir: str, max_steps=None, overrides=()) -> Path:
     """Run the launcher in-process; returns the last checkpoint folder."""
     from launch.pretrain_dmd import main as launch_main
     from megadistill.train.checkpoint import latest_checkpoint
 
     argv = ["--config", config, "--output_dir", output_dir]
+    for o in overrides:
+        argv += ["--set", o]
     if max_steps:
         argv += ["--max_steps", str(max_steps)]
     rc = launch_main(argv)
@@ -58,9 +71,12 @@ def train(config: str, output_dir: str, max_steps) -> Path:
     return ckpt
 
 
-def export_teacher(cfg, checkpoint: Path, dst: str, dtype: str) -> Path:
-    """Write the checkpoint's (EMA) student weights as a native Wan checkpoint at ``dst``."""
+def export_teacher(cfg, checkpoint: Path, dst: str, dtype: str, text_len=None) -> Path:
+    """Write the checkpoint's (EMA) student weights as a native Wan checkpoint at ``dst``
+    (``cfg``: the run config that wrote the checkpoint; ``text_len``: the text length the exported
+    model pads to, default the run's. No weight depends on it)."""
     from megadistill.eval.quality import load_role_model
+    from megadistill.models.wan.dit import WanDiT
 
     checkpoint = Path(checkpoint)
     weights = checkpoint / "ema_student.safetensors"
@@ -70,6 +86,10 @@ def export_teacher(cfg, checkpoint: Path, dst: str, dtype: str) -> Path:
         raise SystemExit(f"{checkpoint} holds no student weights (student.safetensors); "
                          "pass a step_XXXXXXXX folder of a finetune run")
     model = load_role_model(cfg, "student", weights)
+    if text_len is not None and text_len != model.config.text_len:
+        resized = WanDiT(model.config.replace(text_len=text_len))
+        resized.load_state_dict(model.state_dict())
+        model = resized
     model.save_pretrained(dst, format="native", dtype=None if dtype == "fp32" else dtype, overwrite=True)
     print(f"exported {weights} -> {dst}", flush=True)
     return Path(dst)
@@ -107,7 +127,15 @@ def main(argv=None):
     start = time.perf_counter()
     torch.manual_seed(0)
     cfg = load_config(args.config)
-    checkpoint = args.checkpoint or train(args.config, args.output_dir, args.max_steps)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        stage1_dir, stage2_dir = os.path.join(args.output_dir, "stage1"), os.path.join(args.output_dir, "stage2")
+        stage1 = train(args.config, stage1_dir, overrides=STAGE1_OVERRIDES)
+        init = os.path.join(args.output_dir, "stage1_teacher")
+        export_teacher(load_config(args.config, STAGE1_OVERRIDES), stage1, init, "fp32",
+                       text_len=cfg.pipeline_config.text_len)
+        checkpoint = train(args.config, stage2_dir, args.max_steps,
+                           overrides=[f"models.student.path={os.path.abspath(init)}"])
     export_teacher(cfg, checkpoint, args.export, args.dtype)
     report = check_teacher(cfg, args.export, args.eval_samples, args.guidance_scale, args.seed)
     report["wall_s"] = time.perf_counter() - start

@@ -7,6 +7,10 @@ consecutive members sharing a key (the member name up to its first dot)::
     <key>.text.safetensors      {"text_states": [L, D]}      text-encoder states of the L valid
                                                              tokens only (``.npy`` also read)
     <key>.prompt.txt            the caption, UTF-8
+    <key>.ode.safetensors       optional: {"states": [K, C, F, H, W], "timesteps": [K] float64}
+                                the states of an ODE trajectory at K kept timesteps whose clean
+                                endpoint is the latents (tools/generate_ode_pairs.py); a dataset
+                                has it for every sample or for none
 
 Shards are ``shard-000000.tar``, ``shard-000001.tar``, ...; each is written under a hidden temp
 name and renamed when complete. Decoding uses safetensors or ``numpy.load(allow_pickle=False)``:
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 LATENTS_KEY, TEXT_KEY = "latents", "text_states"
+ODE_STATES_KEY, ODE_TIMESTEPS_KEY = "states", "timesteps"
 _PART_EXTS = {"latents": ("latents.safetensors", "latents.npy"), "text": ("text.safetensors", "text.npy"),
               "prompt": ("prompt.txt",)}
 STATE_VERSION = 1
@@ -79,7 +84,20 @@ def _check_sample(i: int, sample: dict) -> tuple:
                          f"{getattr(txt, 'shape', type(txt).__name__)}")
     if not isinstance(prompt, str):
         raise ValueError(f"sample {i}: prompt must be a str, got {type(prompt).__name__}")
-    return tuple(lat.shape), txt.shape[1]
+    return tuple(lat.shape), txt.shape[1], _check_ode(i, sample, lat)
+
+
+def _check_ode(i: int, sample: dict, lat: torch.Tensor):
+    """Number of ODE states of the sample (None without them)."""
+    states, ts = sample.get("ode_states"), sample.get("ode_timesteps")
+    if states is None and ts is None:
+        return None
+    if not (torch.is_tensor(states) and torch.is_tensor(ts) and states.is_floating_point() and ts.ndim == 1
+            and states.ndim == 5 and tuple(states.shape[1:]) == tuple(lat.shape) and ts.shape[0] == states.shape[0]):
+        raise ValueError(f"sample {i}: ode_states must be a float tensor [K, C, F, H, W] matching the latents "
+                         f"{list(lat.shape)} and ode_timesteps a [K] tensor, got "
+                         f"{list(getattr(states, 'shape', []))} and {list(getattr(ts, 'shape', []))}")
+    return int(states.shape[0])
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes):
@@ -88,6 +106,13 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes):
     info.mtime = 0  # byte-identical shards for identical samples
     info.mode = 0o644
     tf.addfile(info, io.BytesIO(data))
+
+
+def _ode_bytes(sample: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({ODE_STATES_KEY: sample["ode_states"].detach().cpu().contiguous(),
+                 ODE_TIMESTEPS_KEY: sample["ode_timesteps"].detach().cpu().to(torch.float64).contiguous()})
 
 
 def _write_shard(final: Path, samples: List[tuple]):
@@ -99,6 +124,8 @@ def _write_shard(final: Path, samples: List[tuple]):
                     _add_member(tf, f"{key}.latents.safetensors", _tensor_bytes(LATENTS_KEY, sample["latents"]))
                     _add_member(tf, f"{key}.text.safetensors", _tensor_bytes(TEXT_KEY, sample["text_states"]))
                     _add_member(tf, f"{key}.prompt.txt", sample["prompt"].encode("utf-8"))
+                    if sample.get("ode_states") is not None:
+                        _add_member(tf, f"{key}.ode.safetensors", _ode_bytes(sample))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -110,7 +137,7 @@ def _write_shard(final: Path, samples: List[tuple]):
 def write_latent_shards(samples_iter: Iterable[dict], out_dir, samples_per_shard: int = 64,
                         overwrite: bool = False) -> List[Path]:
     """Writes ``samples_iter`` (dicts with ``latents [C,F,H,W]``, ``text_states [L,D]``, ``prompt``
-    and optionally ``key``) into ``out_dir/shard-000000.tar``, ... and returns the shard paths.
+    and optionally ``key``, ``ode_states [K,C,F,H,W]`` + ``ode_timesteps [K]``) into ``out_dir/shard-000000.tar``, ... and returns the shard paths.
 
     Every sample must share the latent shape and text width of the first. Keys default to the
     sample's running index (``000000042``). ``out_dir`` may not hold shards already unless
@@ -145,8 +172,9 @@ def _write_all(samples_iter, out: Path, samples_per_shard: int, written: list):
         if ref is None:
             ref = shape
         elif shape != ref:
-            raise ValueError(f"sample {i}: latents {list(shape[0])} / text width {shape[1]} differ from the "
-                             f"first sample's {list(ref[0])} / {ref[1]}; one dataset holds one shape")
+            raise ValueError(f"sample {i}: latents {list(shape[0])} / text width {shape[1]} / ODE states "
+                             f"{shape[2]} differ from the first sample's {list(ref[0])} / {ref[1]} / {ref[2]}; "
+                             "one dataset holds one shape")
         key = str(sample.get("key", f"{i:09d}"))
         if not key or "." in key or "/" in key or key in seen:
             raise ValueError(f"sample {i}: key {key!r} must be unique and contain no '.' or '/'")
@@ -235,7 +263,27 @@ def decode_sample(key: str, parts: Dict[str, bytes]) -> dict:
         raise CorruptSample(f"text_states must be a float [L>=1, D] tensor, got {text.dtype} {list(text.shape)}")
     if not (bool(torch.isfinite(latents).all()) and bool(torch.isfinite(text).all())):
         raise CorruptSample("holds NaN or Inf values")
-    return {"key": key, "latents": latents, "text_states": text, "prompt": prompt}
+    sample = {"key": key, "latents": latents, "text_states": text, "prompt": prompt}
+    if "ode.safetensors" in parts:
+        sample.update(_decode_ode(parts["ode.safetensors"], latents))
+    return sample
+
+
+def _decode_ode(data: bytes, latents: torch.Tensor) -> dict:
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 - any decoding failure makes the sample corrupt
+        raise CorruptSample(f"ode.safetensors cannot be decoded ({type(e).__name__}: {e})") from None
+    states, ts = tensors.get(ODE_STATES_KEY), tensors.get(ODE_TIMESTEPS_KEY)
+    if states is None or ts is None or states.ndim != 5 or tuple(states.shape[1:]) != tuple(latents.shape) \
+            or ts.ndim != 1 or ts.shape[0] != states.shape[0]:
+        raise CorruptSample(f"ode.safetensors must hold states [K, {', '.join(map(str, latents.shape))}] and "
+                            f"timesteps [K], got {sorted(tensors)}")
+    if not (bool(torch.isfinite(states).all()) and bool(torch.isfinite(ts).all())):
+        raise CorruptSample("ODE states hold NaN or Inf values")
+    return {"ode_states": states, "ode_timesteps": ts}
 
 
 def _split_name(name: str) -> tuple:
@@ -452,13 +500,22 @@ class LatentShardStream:
 
 
 def collate_samples(samples: List[dict]) -> dict:
-    """Stacks latents and zero-pads text states to the longest in the batch."""
+    """Stacks latents (and ODE states/timesteps, when the samples have them) and zero-pads text states
+    to the longest in the batch."""
     lens = [s["text_states"].shape[0] for s in samples]
     first = samples[0]["text_states"]
     text = first.new_zeros(len(samples), max(lens), first.shape[1])
     for i, s in enumerate(samples):
         text[i, : lens[i]] = s["text_states"]
-    return {"latents": torch.stack([s["latents"] for s in samples]), "text_states": text,
-            "text_lens": torch.tensor(lens, dtype=torch.long), "prompts": [s["prompt"] for s in samples],
-            "keys": [s["key"] for s in samples]}
+    batch = {"latents": torch.stack([s["latents"] for s in samples]), "text_states": text,
+             "text_lens": torch.tensor(lens, dtype=torch.long), "prompts": [s["prompt"] for s in samples],
+             "keys": [s["key"] for s in samples]}
+    with_ode = ["ode_states" in s for s in samples]
+    if any(with_ode):
+        if not all(with_ode):
+            raise ValueError("a batch mixes samples with and without ODE states; a dataset has them for every "
+                             "sample or for none")
+        batch["ode_states"] = torch.stack([s["ode_states"] for s in samples])
+        batch["ode_timesteps"] = torch.stack([s["ode_timesteps"] for s in samples])
+    return batch
 

@@ -58,6 +58,12 @@ def _mark_tp(param: nn.Parameter, partition_dim: int):
     param.partition_dim = partition_dim
 
 
+def _local_shape(param) -> tuple:
+    """The shape of this rank's tensor; ``ds_shape`` for one that ZeRO-3 has partitioned (its
+    ``shape`` is then the empty local placeholder's)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def _init_linear_(weight, bias, fan_in):
     # nn.Linear's default init, with the fan-in of the FULL layer (a row shard sees in/P inputs,
     # but its values must be drawn as for the unsharded layer).
@@ -118,7 +124,7 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"(local {self.weight.shape[0]}), bias={self.bias is not None}, gather_output={self.gather_output}, "
+                f"(local {_local_shape(self.weight)[0]}), bias={self.bias is not None}, gather_output={self.gather_output}, "
                 f"sequence_parallel={self.sequence_parallel}")
 
 
@@ -173,7 +179,7 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
-        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+        return (f"in_features={self.in_features} (local {_local_shape(self.weight)[1]}), out_features={self.out_features}, "
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
                 f"sequence_parallel={self.sequence_parallel}")
 
@@ -212,7 +218,7 @@ class TPRMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
     def extra_repr(self):
-        return f"full_dim={self.full_dim} (local {self.weight.shape[0]}), eps={self.eps}"
+        return f"full_dim={self.full_dim} (local {_local_shape(self.weight)[0]}), eps={self.eps}"
 
 
 def mark_sequence_parallel(module: nn.Module) -> nn.Module:

@@ -95,3 +95,45 @@ class Adapter(Protocol):
         """Backpropagate ``loss`` into ``handle``'s network (through its engine when it has one,
         inside whatever context the family needs for recomputed forwards)."""
         ...
+
+
+@runtime_checkable
+class CausalAdapter(Adapter, Protocol):
+    """The operations on a block-causal (self-forcing) network, on top of :class:`Adapter`.
+
+    A block-causal network cuts a clip of F latent frames into blocks of ``frames_per_block``
+    frames; a frame attends to its own block and to earlier ones. It runs two ways that compute
+    the same function:
+
+    * masked, whole clip: ``predict_flow(handle, x_t, t, cond)`` with per-frame timesteps
+      ``t [B, F]`` (``[B]`` is broadcast);
+    * cached, one block at a time: ``cache = new_cache(handle, batch, max_frames)``, then
+      ``predict_flow_block(handle, x_block, t_block, cond, cache, start_frame)`` for
+      ``start_frame = 0, n, 2n, ...``. Each call writes the block's keys into ``cache``; calling it
+      again at the same ``start_frame`` replaces them (a cache refresh). Gradient never flows into
+      earlier blocks through the cache.
+    """
+
+    def frames_per_block(self, handle: RoleHandle) -> int:
+        """Latent frames per causal block of ``handle``'s network (an error if it is not causal)."""
+        ...
+
+    def tokens_per_frame(self, handle: RoleHandle) -> int:
+        """Attention tokens of one latent frame at the adapter's latent shape (for op costs)."""
+        ...
+
+    def new_cache(self, handle: RoleHandle, batch: int, max_frames: int) -> Any:
+        """An empty, opaque KV cache for ``batch`` samples and up to ``max_frames`` frames (a network
+        with a local attention window bounds its storage and accepts any length)."""
+        ...
+
+    def predict_flow_block(self, handle: RoleHandle, x_block: torch.Tensor, t_block: torch.Tensor, cond: Any,
+                           cache: Any, start_frame: int) -> torch.Tensor:
+        """Flow of one block ``[B, C, n, H, W]`` at absolute frame ``start_frame`` (``t_block`` ``[B]`` or
+        ``[B, n]``), attending to the cache; writes the block into ``cache``."""
+        ...
+
+    def predict_x0_block(self, handle: RoleHandle, x_block: torch.Tensor, t_block: torch.Tensor, cond: Any,
+                         cache: Any, start_frame: int) -> torch.Tensor:
+        """``x_block - sigma * predict_flow_block(...)``."""
+        ...

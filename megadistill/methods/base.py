@@ -32,13 +32,19 @@ class SamplingSpec:
     """How a method's trained role generates (validation, ``launch/sample.py``): the role, its
     timestep list (descending, ending above 0; the sampler finishes at 0), the sampler kind
     (``ode``: Euler on the flow; ``sde``: predict x0 and re-noise, DMD's few-step sampler) and
-    optional classifier-free guidance with its explicit convention."""
+    optional classifier-free guidance with its explicit convention.
+
+    ``causal``: the role is block-causal and samples block by block with a KV cache: each block
+    runs the whole step list (``sde``), then the block's clean output, re-noised to
+    ``context_timestep`` (0: clean), is run once more to write its cache before the next block."""
 
     role: str
     timesteps: tuple
     sampler: str
     guidance_scale: Optional[float] = None
     guidance_convention: Optional[str] = None
+    causal: bool = False
+    context_timestep: float = 0.0
 
 
 class TrainingMethod(abc.ABC):

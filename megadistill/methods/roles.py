@@ -144,7 +144,12 @@ class RoleHandle:
 
     # -- update --------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss``; a loss that is non-finite on any rank skips backward and the next
+        :meth:`step` on every rank (ranks must agree: a ZeRO step is collective)."""
         self._check_trainable("backward")
+        self._skip_step = not _finite_on_all_ranks(loss)
+        if self._skip_step:
+            return
         if self.engine is not None:
             self.engine.backward(loss)
         else:
@@ -163,6 +168,11 @@ class RoleHandle:
         Then the EMA (if any) is updated with ``global_step``.
         """
         self._check_trainable("step")
+        if getattr(self, "_skip_step", False):
+            self._skip_step = False
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
         if self.engine is not None:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
@@ -187,6 +197,15 @@ class RoleHandle:
     def _check_trainable(self, what: str) -> None:
         if not self.trainable:
             raise RoleError(f"role {self.name!r} is frozen (trainable=False); {what}() is not allowed")
+
+
+def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def _engine_has_optimizer(engine) -> bool:

@@ -118,8 +118,46 @@ def build_data(cfg: RunConfig, family):
     raise ConfigError("config", "data.kind", f"unknown data kind {kind!r}")
 
 
+def check_parallel_layout(cfg: RunConfig, ds_config: dict | None):
+    """The layouts the trainer runs: any dp (ZeRO or not) x tp x Ulysses sp, with a DeepSpeed
+    config when tp or sp > 1 (its engines reduce gradients over dp x sp and take the tp-aware grad
+    norm; plain torch handles do neither). Pipeline parallel is not wired into the trainer."""
+    p = cfg.parallel
+    if p.pp > 1:
+        raise ConfigError("config", "parallel.pp", f"pp={p.pp}: the trainer does not run pipeline parallel "
+                          "layouts yet; set parallel.pp to 1")
+    if (p.tp > 1 or p.sp > 1) and ds_config is None:
+        raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} needs DeepSpeed engines: pass --ds_config "
+                          "(e.g. configs/ds/zero3_cpu.json), or set parallel.tp and parallel.sp to 1")
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_output_gradient(module: torch.nn.Module, factor: float):
+    """Make ``module``'s output pass gradients back multiplied by ``factor`` (forward unchanged).
+
+    Why, with Ulysses sp: every sp rank computes the same full loss from the full output, but the
+    output's all-gather sends back to each rank only its own tokens' gradient, so rank r's parameter
+    gradient g_r is its tokens' share and the true gradient is sum_r g_r. The DeepSpeed engines
+    AVERAGE over dp x sp; scaling by ``factor = sp`` makes that average
+    (1/dp) sum_d sum_r g_{d,r}, the single-process gradient of the dp-mean loss."""
+    def hook(_module, _inputs, output):
+        return _ScaleGradient.apply(output, float(factor))
+    return module.register_forward_hook(hook)
+
+
 def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
     p = cfg.parallel
+    check_parallel_layout(cfg, ds_config)
     grid_lib.initialize(tp=p.tp, sp=p.sp, pp=p.pp)
     if ds_config is not None:
         import deepspeed
@@ -128,9 +166,6 @@ def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
         # DeepSpeed keeps its own handle on the (already created) default group; zero.Init needs it.
         if dist.is_initialized():
             deepspeed.init_distributed(dist_backend=dist.get_backend())
-    if p.tp > 1 or p.sp > 1 or p.pp > 1:
-        raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} pp={p.pp}: the trainer runs "
-                          "data parallel (ZeRO) layouts only so far; set parallel.tp/sp/pp to 1")
     family = get_family(cfg.recipe.family)
     device = _device()
     handles = {}
@@ -141,6 +176,8 @@ def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
             if zero_stage(ds_config) == 3 else None
         module = family.build_model(cfg.models[name], cfg, seed=cfg.training.seed + 1000 * index,
                                     zero3_config=zero3, mpu=grid_lib.mpu if zero3 else None)
+        if cfg.models[name].trainable and p.sp > 1:
+            scale_output_gradient(module, p.sp)
         handles[name] = build_handle(name, module.to(device), cfg, ds_config)
     bundle = ModelBundle(handles)
     adapter = family.build_adapter(cfg, device, {n: h.module for n, h in handles.items()})

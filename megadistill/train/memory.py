@@ -29,11 +29,13 @@ Activations saved for backward by one forward with grad (counted from the block'
     saved instead of the local q/k/v, and the output projection's input is one more tensor.
     With activation checkpointing a block saves only its input x (tokens x C); its full set is
     rebuilt during backward (``recompute``, one block at a time).
-KV cache (causal students): layers x 2 x cache tokens x C / tp x bytes, cache tokens = frames
-    kept (all F, or sink + window) x tokens per frame / sp; plus the prompt's cross-attention K/V.
+KV cache (causal students): layers x 2 x cache tokens x C / (tp sp) x bytes, cache tokens = frames
+    kept (all F, or sink + window) x tokens per frame; plus the prompt's cross-attention K/V
+    (layers x 2 x text x C / tp x bytes).
 Forward-only working set (teacher, and no-grad forwards of the others): the gathered parameters
     plus the live tensors of one block (an estimate: residual, its float32 copy, q/k/v/out or the
-    FFN hidden pair, whichever is larger).
+    FFN hidden pair, whichever is larger). The backward workspace of a trainable role (gradients
+    live while one block runs backward) is estimated the same way.
 
 A step of DMD2 / self-forcing has two phases; the total of a GPU is the sum of the static terms
 (partitions, gradients, optimizer states, persistent parameters, reduce buckets, text encoder,
@@ -46,6 +48,7 @@ fragmentation (10% by default).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -344,14 +347,14 @@ def forward_working_bytes(cfg: WanConfig, work: Workload, dtype: str, tp: int = 
 
 def kv_cache_bytes(cfg: WanConfig, work: Workload, dtype: str, tp: int = 1, sp: int = 1) -> int:
     """Self-attention K/V cache of a causal student over all its layers (keys after RoPE), plus the
-    prompt's cross-attention K/V: layers x 2 x tokens x C / tp / sp x bytes (the cache holds a head
-    shard under tp and Ulysses)."""
+    prompt's cross-attention K/V: layers x 2 x tokens x C / tp / sp x bytes (Ulysses hands the
+    cache every token of a head shard), and layers x 2 x text x C / tp x bytes (cross-attention
+    runs on the rank's own tokens with all of its tp heads)."""
     f = work.grid[0]
     frames = f if work.local_attn_frames < 0 else min(f, work.sink_frames + work.local_attn_frames)
     per_frame = work.grid[1] * work.grid[2]
-    heads_split = tp * sp
-    self_kv = cfg.num_layers * 2 * frames * per_frame * (cfg.dim // heads_split)
-    cross_kv = cfg.num_layers * 2 * work.text_len * (cfg.dim // heads_split)
+    self_kv = cfg.num_layers * 2 * frames * per_frame * (cfg.dim // (tp * sp))
+    cross_kv = cfg.num_layers * 2 * work.text_len * (cfg.dim // tp)
     return work.batch * (self_kv + cross_kv) * _b(dtype)
 
 
@@ -398,6 +401,8 @@ def estimate_role(role: RoleSpec, work: Workload, layout: Layout, zero: ZeroSett
     """Bytes per GPU of one role on the pipeline stage holding the most parameters."""
     cfg, est = role.wan, RoleEstimate(role.name)
     pbytes = _b(role.dtype)
+    if role.causal:  # one timestep per latent frame: modulation vectors per frame
+        work = dataclasses.replace(work, time_groups=work.grid[0])
     params, blocks = _worst_stage(cfg, layout)
     numels = [n for _, n in params]
     total = sum(numels)

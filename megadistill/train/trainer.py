@@ -86,12 +86,26 @@ class Trainer:
         path = resolve_resume(self.resume, self.output_dir)
         if path is None:
             return None
+        self._check_layout(path)
         state = load_training_checkpoint(path, self.run.bundle.roles)
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
         self.skipped_in_row = int(state["skipped_in_row"])
         self.run.data.load_state_dict(state["data"])
         return path
+
+    def _check_layout(self, path):
+        """A checkpoint holds DeepSpeed partitions of tp shards: it resumes only under the layout
+        (tp, sp, pp; the world size is checked on load) that wrote it."""
+        saved = (json.loads((Path(path) / "meta.json").read_text()).get("config") or {}).get("parallel")
+        p = self.run.cfg.parallel
+        if saved is None:
+            return
+        want = {"tp": p.tp, "sp": p.sp, "pp": p.pp}
+        got = {k: saved.get(k, 1) for k in want}
+        if got != want:
+            raise ValueError(f"checkpoint {path} was written with parallel {got}, this run has {want}: resume "
+                             "with the same parallel.tp/sp/pp (export the weights to re-shard them offline)")
 
     # -- logging --
     def _open_logs(self):
@@ -109,6 +123,8 @@ class Trainer:
             return
         scalars = {**logs, "step_time_s": dt, "samples_per_s": samples / dt if dt > 0 else 0.0,
                    "skipped_steps": self.skipped_total}
+        if hasattr(self.run.data, "skipped"):  # corrupt samples/shards the stream stepped over
+            scalars["data_skipped"] = int(self.run.data.skipped)
         for h in self.run.bundle.roles.values():
             if h.trainable:
                 opt = h.engine.optimizer if h.engine is not None else h.optimizer
@@ -148,7 +164,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        batch_size = self.run.cfg.training.micro_batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+        # Samples per step: one micro-batch per data-parallel rank (tp and sp peers share theirs).
+        batch_size = self.run.cfg.training.micro_batch_size * (grid.get_dp_size() if grid.is_initialized() else 1)
         while self.step < self.max_steps:
             t0 = time.perf_counter()
             batch = next(self.run.data)

@@ -246,7 +246,9 @@ def test_cli_json_for_the_14b_recipe(capsys):
     teacher = d["breakdown"]["teacher"]["static"]["params_partition"]
     # 14B teacher in bf16, ZeRO-3 over 64 ranks
     assert abs(teacher - 14.29e9 * 2 / 64) / teacher < 0.01
-    assert d["per_gpu_bytes"]["total"] <= d["budget_bytes"] if d["fits"] else True
+    assert d["fits"] == (d["per_gpu_bytes"]["total"] <= d["budget_bytes"])
+    assert d["per_gpu_bytes"]["total"] == (sum(sum(b["static"].values()) for b in d["breakdown"].values())
+                                           + sum(d["shared"].values()) + max(d["phases"].values()))
 
 
 def test_cli_needs_shapes_only_for_missing_weights(capsys):
@@ -280,3 +282,29 @@ def test_layout_errors_name_the_fix():
         from megadistill.train.memory import estimate_run
         estimate_run({"student": RoleSpec("student", PRESETS["wan2.1-t2v-1.3b"])}, Workload(1, (21, 30, 52), 512),
                      Layout(64, tp=8, sp=1), ZeroSettings(), False, gpu_mem_bytes=80 * 10**9)
+
+
+def test_text_encoder_is_umt5_xxl():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from megadistill.train.memory import UMT5_XXL_ENCODER_NUMEL, text_encoder_bytes
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    assert UMT5_XXL_ENCODER_NUMEL == sum(p.numel() for p in model.parameters())
+    assert text_encoder_bytes("tiny") == 0 and text_encoder_bytes(None) == 0
+    assert text_encoder_bytes("/x/umt5") == 2 * UMT5_XXL_ENCODER_NUMEL
+
+
+def test_causal_student_holds_its_kv_cache():
+    cfg = PRESETS["wan2.1-t2v-1.3b"]
+    work = Workload(1, (21, 30, 52), 512)
+    layout = Layout(64, tp=1, sp=4)
+    causal = estimate_role(RoleSpec("student", cfg, "bf16", causal=True), work, layout, ZeroSettings(), True)
+    plain = estimate_role(RoleSpec("student", cfg, "bf16"), work, layout, ZeroSettings(), True)
+    # 30 layers x (k, v) x 21 frames x 1560 tokens x 1536 / sp4, bf16; plus the text K/V (all heads)
+    assert causal.dynamic["kv_cache"] == 30 * 2 * (32760 * 1536 // 4 + 512 * 1536) * 2
+    assert "kv_cache" not in plain.dynamic
+    assert causal.dynamic["activations_saved"] > plain.dynamic["activations_saved"]  # per-frame modulation

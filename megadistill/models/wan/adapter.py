@@ -88,6 +88,32 @@ class WanAdapter:
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.noise_scheduler.add_noise(x0, eps, t)
 
+    # -- block-causal networks (CausalWanDiT): the CausalAdapter operations -------------------------
+    def frames_per_block(self, handle) -> int:
+        return _causal_module(handle).num_frame_per_block
+
+    def tokens_per_frame(self, handle) -> int:
+        if self.default_latent_shape is None:
+            raise ValueError("WanAdapter.tokens_per_frame needs the adapter's latent_shape=(C, F, H, W)")
+        _, ph, pw = _causal_module(handle).config.patch_size
+        _, _, h, w = self.default_latent_shape
+        return (h // ph) * (w // pw)
+
+    def new_cache(self, handle, batch: int, max_frames: int):
+        return _causal_module(handle).new_cache(batch, max_frames)
+
+    def predict_flow_block(self, handle, x_block: torch.Tensor, t_block: torch.Tensor,
+                           cond: Dict[str, torch.Tensor], cache, start_frame: int) -> torch.Tensor:
+        v = _call_block(handle, x_block, t_block, cond["text_states"], cache, start_frame)
+        if v.shape != x_block.shape:
+            raise ValueError(f"causal Wan DiT returned shape {tuple(v.shape)} for a block {tuple(x_block.shape)}")
+        return v.to(x_block.dtype)
+
+    def predict_x0_block(self, handle, x_block: torch.Tensor, t_block: torch.Tensor,
+                         cond: Dict[str, torch.Tensor], cache, start_frame: int) -> torch.Tensor:
+        v = self.predict_flow_block(handle, x_block, t_block, cond, cache, start_frame)
+        return self.noise_scheduler.x0_from_flow(x_block, v, t_block)
+
     def backward(self, handle, loss: torch.Tensor) -> None:
         # Wan needs no forward context for recomputed (checkpointed) forwards: plain backward.
         handle.backward(loss)
@@ -189,3 +215,29 @@ def _one_text(states: torch.Tensor) -> torch.Tensor:
     if states.dim() != 3 or states.shape[0] != 1:
         raise ValueError(f"one text's states must be [L, D] or [1, L, D], got shape {tuple(states.shape)}")
     return states
+
+
+def _causal_module(handle):
+    """The block-causal DiT behind a role handle (a bare module is accepted too)."""
+    module = getattr(handle, "module", handle)
+    if not hasattr(module, "forward_block"):
+        name = getattr(handle, "name", type(module).__name__)
+        raise ValueError(f"role {name!r} is a bidirectional {type(module).__name__}; this operation needs a "
+                         "block-causal model (set models.<role>.causal: true)")
+    return module
+
+
+def _call_block(handle, x_block, t_block, text, cache, start_frame):
+    """``forward_block`` of the handle's causal DiT. Under a DeepSpeed engine it must run inside the
+    engine's forward: ZeRO-3 gathers a partitioned parameter that the model reads directly (e.g. the
+    time embedding's weights) only while the engine marks a forward in progress. So the module's
+    ``forward`` is pointed at ``forward_block`` for the duration of one engine call."""
+    module = _causal_module(handle)
+    engine = getattr(handle, "engine", None)
+    if engine is None:
+        return module.forward_block(x_block, t_block, text, cache, start_frame)
+    module.forward = module.forward_block
+    try:
+        return engine(x_block, t_block, text, cache, start_frame)
+    finally:
+        del module.forward  # back to the class's masked-path forward

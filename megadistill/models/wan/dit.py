@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megadistill import kernels
 from megadistill.kernels import attention
 
 from .config import WanConfig
@@ -103,18 +104,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
 
 
-def modulate(x, shift, scale):
-    """``x * (1 + scale) + shift`` with per-group modulation: x ``[B, S, C]``, shift/scale
-    ``[B, G, C]`` where the S tokens form G equal groups (G=1: one timestep per sample; G=F: one
-    per latent frame)."""
-    g = shift.shape[1]
-    xg = x.unflatten(1, (g, -1))
-    return (xg * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
+def _per_group(x, *mods):
+    """Views that let a per-group modulation ``[B, G, C]`` act on ``x [B, S, C]`` whose S tokens form
+    G equal groups: G=1 (one timestep per sample) and G=S (one per token) pass through as
+    ``[B, 1|S, C]``; other G (one per latent frame) become ``[B*G, S/G, C]`` against ``[B*G, 1, C]``."""
+    b, s, c = x.shape
+    g = mods[0].shape[1]
+    if g in (1, s):
+        return x, mods, None
+    return x.reshape(b * g, s // g, c), tuple(m.reshape(b * g, 1, c) for m in mods), (b, s, c)
 
 
-def gated(y, gate):
-    g = gate.shape[1]
-    return (y.unflatten(1, (g, -1)) * gate.unsqueeze(2)).flatten(1, 2)
+def adaln_modulate(x, shift, scale, eps):
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32, returned in x's dtype, through the fused
+    kernel dispatcher (Triton on GPU, PyTorch on CPU)."""
+    xv, (sh, sc), shape = _per_group(x, shift, scale)
+    y = kernels.modulate(xv, sh, sc, eps)
+    return y if shape is None else y.reshape(shape)
+
+
+def gated_residual(x, y, gate):
+    """``x + y * gate`` in float32, returned in x's dtype (fused dispatcher)."""
+    xv, (g,), shape = _per_group(x, gate)
+    out = kernels.gated_residual(xv, y.reshape(xv.shape), g)
+    return out if shape is None else out.reshape(shape)
 
 
 # --- attention and block ---------------------------------------------------------------------------
@@ -146,12 +159,23 @@ class WanAttention(nn.Module):
         return k, v
 
     def forward(self, x, context=None, rope=None, **attn_kwargs):
-        q = self.project_q(x)
-        k, v = self.project_kv(x if context is None else context)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None and x.is_cuda and type(self.norm_q) is WanRMSNorm:
+            q, k, v = self.project_qkv_fused(x, rope)
+        else:
+            q = self.project_q(x)
+            k, v = self.project_kv(x if context is None else context)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.attn_fn(q, k, v, **attn_kwargs)
         return self.o(out.flatten(-2))
+
+    def project_qkv_fused(self, x, rope):
+        """Self-attention q/k/v with q/k RMSNorm and RoPE in one fused kernel each (GPU path; the
+        norm spans all heads of this rank, so it is used only without tensor parallelism)."""
+        q = kernels.rms_norm_rope(self.q(x), self.norm_q.weight, *rope, eps=self.norm_q.eps)
+        k = kernels.rms_norm_rope(self.k(x), self.norm_k.weight, *rope, eps=self.norm_k.eps)
+        split = (-1, self.head_dim)
+        return q.unflatten(-1, split), k.unflatten(-1, split), self.v(x).unflatten(-1, split)
 
 
 class WanBlock(nn.Module):
@@ -176,12 +200,12 @@ class WanBlock(nn.Module):
         """x ``[B, S, C]``; e0 ``[B, G, 6, C]`` projected time (float32); context ``[B, L, C]``."""
         mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
-        y = self.self_attn(modulate(self.norm1(x).float(), shift1, scale1).type_as(x),
-                           rope=rope, **(self_attn_kwargs or {}))
-        x = (x.float() + gated(y.float(), gate1)).type_as(x)
+        eps = self.norm1.eps
+        y = self.self_attn(adaln_modulate(x, shift1, scale1, eps), rope=rope, **(self_attn_kwargs or {}))
+        x = gated_residual(x, y, gate1)
         x = x + self.cross_attn(self.norm3(x), context=context)
-        y = self.ffn(modulate(self.norm2(x).float(), shift2, scale2).type_as(x))
-        return (x.float() + gated(y.float(), gate2)).type_as(x)
+        y = self.ffn(adaln_modulate(x, shift2, scale2, eps))
+        return gated_residual(x, y, gate2)
 
 
 class WanHead(nn.Module):
@@ -194,7 +218,7 @@ class WanHead(nn.Module):
     def forward(self, x, e):
         """e ``[B, G, C]`` the time embedding (before projection)."""
         shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)
-        return self.head(modulate(self.norm(x).float(), shift, scale).type_as(x))
+        return self.head(adaln_modulate(x, shift, scale, self.norm.eps))
 
 
 # --- the model ------------------------------------------------------------------------------------

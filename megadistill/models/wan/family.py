@@ -17,23 +17,45 @@ def build_model(model_cfg, run_cfg, seed: int, zero3_config: dict | None = None,
     """A role's DiT: loaded from ``path`` (any Wan format), or a preset with a deterministic random
     init (the same on every rank, so data-parallel replicas start equal). With ``zero3_config`` the
     model is built partitioned under ``deepspeed.zero.Init`` and filled tensor by tensor, so no rank
-    holds all of it."""
+    holds all of it. Under a process grid with tp or sp > 1 it is parallelized over the grid's groups
+    and holds this rank's tp shard (:func:`_build_parallel`)."""
     dtype = _DTYPES[model_cfg.dtype]
     text_len = run_cfg.pipeline_config.text_len
-    if model_cfg.causal:
-        raise ConfigError("config", "models.*.causal", "the causal Wan DiT is not available yet")
-    if zero3_config is not None:
-        model = _build_partitioned(model_cfg, text_len, seed, zero3_config, mpu, dtype)
+    cls, kwargs = _model_class(model_cfg, run_cfg)
+    if _grid_is_parallel():
+        model = _build_parallel(model_cfg, text_len, seed, zero3_config, mpu, dtype, cls)
+    elif zero3_config is not None:
+        model = _build_partitioned(model_cfg, text_len, seed, zero3_config, mpu, dtype, cls, kwargs)
     elif model_cfg.path:
-        model = WanDiT.from_pretrained(model_cfg.path, dtype=dtype)
+        model = cls.from_pretrained(model_cfg.path, dtype=dtype, **kwargs)
         if model.config.text_len != text_len:
             raise ConfigError("config", "pipeline_config.text_len",
                               f"{text_len} differs from the checkpoint's text_len "
                               f"{model.config.text_len} ({model_cfg.path})")
     else:
-        model = init_weights(WanDiT(_preset_config(model_cfg, text_len)), seed=seed).to(dtype)
+        model = init_weights(cls(_preset_config(model_cfg, text_len), **kwargs), seed=seed).to(dtype)
     model.activation_checkpointing = run_cfg.parallel.activation_checkpointing
     return model
+
+
+def _model_class(model_cfg, run_cfg):
+    """``(WanDiT, {})``, or for ``causal: true`` the block-causal DiT with its block size, local window
+    (``pipeline_config.local_attn_size`` frames, -1 = none) and attention sinks (``sink_size``)."""
+    if not model_cfg.causal:
+        return WanDiT, {}
+    from .causal import CausalWanDiT
+
+    p = run_cfg.pipeline_config
+    window = None if p.local_attn_size == -1 else int(p.local_attn_size)
+    if window is not None and window < p.num_frame_per_block:
+        raise ConfigError("config", "pipeline_config.local_attn_size",
+                          f"{window} frames is less than one block (num_frame_per_block="
+                          f"{p.num_frame_per_block}); the window includes the query's own block")
+    if p.sink_size and window is None:
+        raise ConfigError("config", "pipeline_config.sink_size",
+                          f"{p.sink_size} sink frames need a local window; set local_attn_size")
+    return CausalWanDiT, {"num_frame_per_block": int(p.num_frame_per_block), "local_window_frames": window,
+                          "sink_frames": int(p.sink_size)}
 
 
 def _preset_config(model_cfg, text_len):
@@ -43,12 +65,13 @@ def _preset_config(model_cfg, text_len):
         raise ConfigError("config", "models.*.preset", str(e)) from None
 
 
-def _build_partitioned(model_cfg, text_len, seed, ds_config, mpu, dtype):
+def _build_partitioned(model_cfg, text_len, seed, ds_config, mpu, dtype, cls=WanDiT, kwargs=None):
     from megadistill.distributed.zero import build_partitioned
 
+    kwargs = kwargs or {}
     if not model_cfg.path:
         config = _preset_config(model_cfg, text_len)
-        return build_partitioned(lambda: WanDiT(config), ds_config,
+        return build_partitioned(lambda: cls(config, **kwargs), ds_config,
                                  lambda name, p: init_value(name, p.ds_shape, seed), mpu=mpu, dtype=dtype)
     from .checkpoint import open_wan_checkpoint
 
@@ -57,8 +80,118 @@ def _build_partitioned(model_cfg, text_len, seed, ds_config, mpu, dtype):
             raise ConfigError("config", "pipeline_config.text_len",
                               f"{text_len} differs from the checkpoint's text_len "
                               f"{ckpt.config.text_len} ({model_cfg.path})")
-        return build_partitioned(lambda: WanDiT(ckpt.config), ds_config,
+        return build_partitioned(lambda: cls(ckpt.config, **kwargs), ds_config,
                                  lambda name, p: ckpt.load(name), mpu=mpu, dtype=dtype)
+
+
+
+# --- tensor / Ulysses sequence parallel roles --------------------------------------------------------
+
+def _grid_is_parallel() -> bool:
+    from megadistill import distributed as md
+
+    return md.is_initialized() and (md.get_tp_size() > 1 or md.get_sp_size() > 1)
+
+
+def _build_parallel(model_cfg, text_len, seed, ds_config, mpu, dtype, cls):
+    """A role for a grid with tp or sp > 1: the DiT parallelized over the grid's tp and sp groups
+    (:func:`megadistill.models.wan.parallel.parallelize_wan`) holding this rank's tp shard of the
+    weights the single-process build would hold. With ``ds_config`` (ZeRO-3) the shard is also
+    partitioned over the data-parallel group dp x sp (:func:`_partition_parallel`)."""
+    from .checkpoint import open_wan_checkpoint
+    from .parallel import mark_tensor_parallel_parameters, parallelize_from_grid
+
+    if cls is not WanDiT:
+        raise ConfigError("config", "parallel", "tensor / sequence parallel training is implemented for the "
+                          "bidirectional Wan DiT only; set parallel.tp and parallel.sp to 1 for causal models")
+    if not model_cfg.path:
+        config = _preset_config(model_cfg, text_len)
+        if ds_config is None:
+            model = init_weights(WanDiT(config), seed=seed).to(dtype)
+            return mark_tensor_parallel_parameters(parallelize_from_grid(model))
+        return _partition_parallel(config, _preset_shard_fill(config, seed), ds_config, mpu, dtype)
+    with open_wan_checkpoint(model_cfg.path) as ckpt:
+        if ckpt.config.text_len != text_len:
+            raise ConfigError("config", "pipeline_config.text_len",
+                              f"{text_len} differs from the checkpoint's text_len "
+                              f"{ckpt.config.text_len} ({model_cfg.path})")
+        if ds_config is None:
+            return WanDiT.from_pretrained(model_cfg.path, dtype=dtype)  # reads this rank's tp shard
+        return _partition_parallel(ckpt.config, _checkpoint_shard_fill(ckpt), ds_config, mpu, dtype)
+
+
+def _tp_coords():
+    from megadistill import distributed as md
+
+    return md.get_tp_rank(), md.get_tp_size()
+
+
+def _preset_shard_fill(config, seed):
+    """``fill(name) ->`` this tp rank's slice of :func:`init_value` drawn at the FULL shape, so every
+    layout starts from the single-process weights."""
+    from megadistill.distributed.layers import tp_shard
+
+    from .keys import tp_split_dim
+    from .loading import build_on_meta
+
+    full_shapes = {n: tuple(p.shape) for n, p in build_on_meta(WanDiT, config).named_parameters()}
+    rank, size = _tp_coords()
+
+    def fill(name):
+        value = init_value(name, full_shapes[name], seed)
+        split = tp_split_dim(name)
+        return value if split is None or size == 1 else tp_shard(value, split, rank, size)
+    return fill
+
+
+def _checkpoint_shard_fill(ckpt):
+    from .keys import tp_split_dim
+
+    rank, size = _tp_coords()
+    return lambda name: ckpt.load(name, tp_rank=rank, tp_size=size) if tp_split_dim(name) is not None \
+        else ckpt.load(name)
+
+
+def _partition_units(model):
+    """The pieces materialized and partitioned one at a time: every block, every other top-level
+    child. The largest is one block's tp shard."""
+    for name, child in model.named_children():
+        if name == "blocks":
+            yield from ((f"blocks.{i}", block) for i, block in enumerate(child))
+        else:
+            yield name, child
+
+
+def _partition_parallel(config, fill, ds_config, mpu, dtype):
+    """ZeRO-3 build of a tp/sp-parallel DiT, never holding more than one block's tp shard unpartitioned.
+
+    The model is built on the meta device and parallelized there (tp layers get their local
+    shapes). Then, one unit at a time (:func:`_partition_units`), it is given storage, filled by
+    rank 0 of the data-parallel group (dp x sp; the ranks that share this tp shard) and handed to
+    ``deepspeed.zero.Init(module=...)``, which broadcasts it from that rank and partitions it over
+    the same group. ``deepspeed.zero.Init`` used as a context would partition over the world group
+    and mix the shards of different tp ranks."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .loading import build_on_meta
+    from .parallel import mark_tensor_parallel_parameters, parallelize_from_grid
+
+    group = mpu.get_data_parallel_group()
+    filler = dist.get_rank(group) == 0
+    # Init(module=...) would otherwise replace torch.nn.functional.linear for the rest of the process.
+    init_config = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}),
+                                                      "memory_efficient_linear": False}}
+    model = parallelize_from_grid(build_on_meta(WanDiT, config))
+    for prefix, unit in _partition_units(model):
+        unit.to_empty(device="cpu").to(dtype)
+        if filler:
+            with torch.no_grad():
+                for name, p in unit.named_parameters():
+                    p.copy_(fill(f"{prefix}.{name}").to(dtype))
+        deepspeed.zero.Init(module=unit, config_dict_or_path=init_config, mpu=mpu, data_parallel_group=group,
+                            dtype=dtype)
+    return mark_tensor_parallel_parameters(model)
 
 
 _TINY_ENCODERS = {}
