@@ -81,12 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=int, default=None,
                    help="--causal: latent frames to generate (default: the latent shape's F; more runs past the "
                         "training length, with --local-attn-size in bounded memory)")
-    p.add_argument("--num-frame-per-block", type=int, default=None, help="--causal: frames per block (default: run config)")
+    p.add_argument("--num-frame-per-block", type=int, default=None,
+                   help="--causal: frames per block (default: run config)")
     p.add_argument("--local-attn-size", type=int, default=None,
                    help="--causal: attention window in latent frames, -1 = whole prefix (default: run config)")
     p.add_argument("--sink-size", type=int, default=None, help="--causal: attention-sink frames (default: run config)")
     p.add_argument("--context-noise", type=float, default=None,
-                   help="--causal: timestep of the cache refresh (default: the run's method_config.context_noise, else 0)")
+                   help="--causal: timestep of the cache refresh (default: the run's "
+                        "method_config.context_noise, else 0)")
     return p.parse_args(argv)
 
 

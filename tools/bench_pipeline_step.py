@@ -9,8 +9,10 @@ and critic (their presets, random weights), AdamW with the recipe's lr, betas an
 runs DMD2 steps of the recipe's method_config with ``--batch`` samples in ``--microbatches``
 microbatches (random text states; the recipe's latent shape). Each schedule has its own copy of
 the models. Per repeat, every schedule runs one generator step (a step with ``step %
-generator_update_interval == 0``: generator phase + critic phase) and one critic-only step,
-schedules alternating so that load changes hit both alike. A step's time is the slowest rank's
+generator_update_interval == 0``: generator phase + critic phase) and one critic-only step under
+each schedule, the schedules' order alternating between repeats (ABBA) so that load changes hit
+both alike; ``median_paired_ratio`` is the median over repeats of interleaved / sequential for
+the same step. A step's time is the slowest rank's
 wall time between two barriers; ``recv_wait_s`` is the time a rank spent blocked in receives
 (idle: bubbles, and on a shared CPU also peers waiting for a core). The first ``--warmup``
 repeats are dropped; the JSON has the median and all samples per schedule and step kind.
@@ -96,6 +98,8 @@ def _worker(rank, world, port, cfg, args, out_path):
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
+    if args.pin:  # one core per rank, so the two ranks never share a core with each other
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     import megadistill.distributed as md
     from megadistill.methods.dmd2_pipeline import dmd2_pipeline_step
     from megadistill.models.wan import get_preset
@@ -115,7 +119,7 @@ def _worker(rank, world, port, cfg, args, out_path):
         for kind, step in (("generator_step", r * interval), ("critic_step", r * interval + 1)):
             g = torch.Generator().manual_seed(step)
             raw = {"text_states": torch.randn(args.batch, text_len, student.text_dim, generator=g)}
-            for s in SCHEDULES:
+            for s in (SCHEDULES if r % 2 == 0 else SCHEDULES[::-1]):  # ABBA: drift in load hits both alike
                 ex = executors[s]
                 torch.manual_seed(1000 + step)
                 ex.link.recv_wait_s = 0.0
@@ -143,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--pin", action="store_true", help="pin rank r to CPU core r (mod the core count)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cfg = _recipe(args.config)
@@ -162,7 +167,8 @@ def main(argv=None):
             raw = json.load(f)
     result = {"config": os.path.relpath(args.config, ROOT), "stages": args.stages, "batch": args.batch,
               "microbatches": args.microbatches, "repeats": args.repeats, "warmup": args.warmup,
-              "threads_per_rank": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "threads_per_rank": args.threads, "pinned": args.pin, "cpu_count": os.cpu_count(),
+              "machine": platform.machine(),
               "load_average_1m": os.getloadavg()[0], "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "schedules": {}}
     for s in SCHEDULES:
@@ -175,6 +181,9 @@ def main(argv=None):
         result["schedules"][s] = entry
     seq, inter = result["schedules"]["sequential"], result["schedules"]["interleaved"]
     result["interleaved_over_sequential"] = {k: inter[k]["median_s"] / seq[k]["median_s"] for k in seq}
+    # the same step (same exit index, same load period) under both schedules: the paired ratio
+    result["median_paired_ratio"] = {k: statistics.median(i / q for i, q in zip(inter[k]["samples_s"],
+                                                                                seq[k]["samples_s"])) for k in seq}
     text = json.dumps(result, indent=2)
     if args.json:
         tmp_path = args.json + ".tmp"

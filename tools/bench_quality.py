@@ -25,6 +25,7 @@
    ``--check`` makes the exit status 1 when the bar (docs/QUALITY.md) is missed.
 """
 import argparse
+import codecs
 import json
 import os
 import subprocess
@@ -74,8 +75,14 @@ def distill(config: str, overrides, output_dir: str, max_steps: int, threads) ->
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    # The launcher's log goes to stderr: stdout carries only the JSON.
-    rc = subprocess.call(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env)
+    # The launcher's log (progress bar included) is forwarded to stderr as it comes: stdout
+    # carries only the JSON.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        rc = proc.wait()
     if rc:
         raise SystemExit(f"DMD2 training failed (exit code {rc}): {' '.join(cmd)}")
     ckpt = latest_checkpoint(output_dir)

@@ -20,7 +20,6 @@ sampled on the same captions and noise. The teacher passes when its prompt adher
 and its FD <= 0.2 x the untrained model's FD. Everything runs with a fixed seed; on one machine
 the run repeats exactly.
 """
-"""
 import argparse
 import json
 import os
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--export", default=DEFAULT_EXPORT, help="where the teacher weights are written")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the exported weights")
     ap.add_argument("--eval_samples", type=int, default=512, help="clips per set for the quality check")
-    ap.add_argument("--guidance_scale", type=float, default=3.0, help="CFG scale, standard convention")
+    ap.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale, standard convention")
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed (captions and noise)")
     return ap.parse_args(argv)
 

@@ -349,6 +349,9 @@ def _resolve_models(cfg: RunConfig, ctx: _Context) -> Dict[str, ModelConfig]:
         if m.preset is not None:
             _nonempty(m.preset, f"{key}.preset", ctx)
         path = None if m.path is None else _existing_path(m.path, f"{key}.path", ctx)
+        if trainable and not m.zero3_partition:
+            raise ctx.error(f"{key}.zero3_partition", f"the {role} is trained, and a ZeRO-3 engine "
+                                                      "partitions what it trains; expected true")
         out[role] = dataclasses.replace(m, family=family, trainable=trainable, path=path)
     if method == "self_forcing" and not out["student"].causal:
         raise ctx.error("models.student.causal", "self_forcing trains a block-causal student; expected true")

@@ -52,6 +52,10 @@ class ModelConfig:
     trainable: Optional[bool] = None
     dtype: DType = "fp32"
     causal: bool = False            # block-causal student (self-forcing / ODE-init of a causal student)
+    # Under a ZeRO-3 DeepSpeed config: partition this role's weights over the data-parallel group
+    # (default). A frozen role may set false to stay whole on every GPU: more memory, but no
+    # all-gather of its weights at every forward.
+    zero3_partition: bool = True
 
 
 @dataclass(frozen=True)

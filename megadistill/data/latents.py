@@ -137,7 +137,8 @@ def _write_shard(final: Path, samples: List[tuple]):
 def write_latent_shards(samples_iter: Iterable[dict], out_dir, samples_per_shard: int = 64,
                         overwrite: bool = False) -> List[Path]:
     """Writes ``samples_iter`` (dicts with ``latents [C,F,H,W]``, ``text_states [L,D]``, ``prompt``
-    and optionally ``key``, ``ode_states [K,C,F,H,W]`` + ``ode_timesteps [K]``) into ``out_dir/shard-000000.tar``, ... and returns the shard paths.
+    and optionally ``key``, ``ode_states [K,C,F,H,W]`` + ``ode_timesteps [K]``) into
+    ``out_dir/shard-000000.tar``, ... and returns the shard paths.
 
     Every sample must share the latent shape and text width of the first. Keys default to the
     sample's running index (``000000042``). ``out_dir`` may not hold shards already unless

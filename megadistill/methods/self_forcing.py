@@ -115,6 +115,8 @@ class SelfForcingMethod(DMD2Method):
         T = adapter.noise_scheduler.num_train_timesteps
         self.context_timestep = config.context_noise * T / 1000.0
         self.block_frames = adapter.frames_per_block(bundle["student"])
+        # The training length F: the frames of the run's latent shape (a prompts-only batch has exactly
+        # that shape), needed before any batch to plan rollouts and op graphs.
         self.training_frames = int(adapter.latent_shape({"prompts": [""]})[2])
         self.rollout_frames = config.num_rollout_frames or self.training_frames
         n, F, R = self.block_frames, self.training_frames, self.rollout_frames

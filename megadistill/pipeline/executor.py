@@ -124,12 +124,13 @@ class PipelineExecutor:
 
     ``roles``: this stage's :class:`StageRole` per role name. ``pp_group``: the pipeline group
     (None with one stage). ``model_parallel_group``: the tp x pp group the gradient norm is summed
-    over (None: ``pp_group``). ``tp_rank``: this rank's tensor-parallel rank (parameters not marked
+    over. ``tp_rank``: this rank's tensor-parallel rank (parameters not marked
     ``tensor_model_parallel`` are whole on every tp rank and counted in the norm on tp rank 0 only).
+    Both default to the initialized process grid's (without a grid: ``pp_group`` and 0).
     """
 
     def __init__(self, roles: Mapping[str, StageRole], stage: int, num_stages: int, pp_group=None,
-                 model_parallel_group=None, tp_rank: int = 0, device=None):
+                 model_parallel_group=None, tp_rank: Optional[int] = None, device=None):
         if not 0 <= stage < num_stages:
             raise ValueError(f"stage {stage} is not in [0, {num_stages})")
         if num_stages > 1 and pp_group is None:
@@ -142,8 +143,11 @@ class PipelineExecutor:
         self.roles = dict(roles)
         self.stage, self.num_stages = stage, num_stages
         self.pp_group = pp_group
-        self.mp_group = model_parallel_group if model_parallel_group is not None else pp_group
-        self.tp_rank = tp_rank
+        grid = md.is_initialized()
+        if model_parallel_group is None:
+            model_parallel_group = md.get_model_parallel_group() if grid else pp_group
+        self.mp_group = model_parallel_group
+        self.tp_rank = tp_rank if tp_rank is not None else (md.get_tp_rank() if grid else 0)
         self.link = StageLink(pp_group, device)
         self.handlers: Dict[type, Callable] = {
             Compute: self._compute,
@@ -278,11 +282,14 @@ class PipelineExecutor:
         (as ``torch.nn.utils.clip_grad_norm_`` on the whole model), step, zero the gradients.
         A non-finite norm skips the update (the gradients are dropped). Returns the norm."""
         replicated = {id(p) for p in role.replicated}
-        if self.pp_group is not None:
+        if self.pp_group is not None and role.replicated:
             for p in role.replicated:  # every stage takes part, with a zero gradient if it has none
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.pp_group)
+            flat = torch.cat([p.grad.reshape(-1) for p in role.replicated])  # one collective for all
+            dist.all_reduce(flat, group=self.pp_group)
+            for p, g in zip(role.replicated, flat.split([p.numel() for p in role.replicated])):
+                p.grad.copy_(g.view_as(p.grad))
         params = [p for p in role.module.parameters() if p.grad is not None]
         norm = self._global_norm(params, replicated)
         max_norm = role.grad_clip if role.grad_clip else math.inf

@@ -69,7 +69,7 @@ def build_handle(name: str, module, cfg: RunConfig, ds_config: dict | None) -> R
     mc = cfg.models[name]
     if not mc.trainable:
         module.eval().requires_grad_(False)
-        if zero_stage(ds_config) == 3:
+        if zero_stage(ds_config) == 3 and mc.zero3_partition:
             # The frozen teacher is partitioned like the trained roles; DeepSpeed gathers each
             # layer for its forward and frees it after (no optimizer, no gradients).
             import deepspeed
@@ -132,6 +132,8 @@ def check_parallel_layout(cfg: RunConfig, ds_config: dict | None):
 
 
 class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``factor``."""
+
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
@@ -172,8 +174,8 @@ def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
     for index, name in enumerate(("student", "teacher", "critic")):
         if name not in cfg.models:
             continue
-        zero3 = role_ds_config(ds_config, cfg, name, cfg.models[name].trainable) \
-            if zero_stage(ds_config) == 3 else None
+        partition = zero_stage(ds_config) == 3 and cfg.models[name].zero3_partition
+        zero3 = role_ds_config(ds_config, cfg, name, cfg.models[name].trainable) if partition else None
         module = family.build_model(cfg.models[name], cfg, seed=cfg.training.seed + 1000 * index,
                                     zero3_config=zero3, mpu=grid_lib.mpu if zero3 else None)
         if cfg.models[name].trainable and p.sp > 1:

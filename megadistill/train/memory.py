@@ -56,7 +56,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from megadistill.config import ConfigError, RunConfig, config_from_dict, parse_override
+from megadistill.models.wan.checkpoint import native_shapes
 from megadistill.models.wan.config import PRESETS, WanConfig
+from megadistill.models.wan.keys import block_index, even_stage_blocks, tp_split_dim
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -66,11 +68,6 @@ F32 = 4
 # self-attention (4 x 4096^2, no bias) and gated-GELU FFN (3 x 4096 x 10240), two norms each,
 # per-layer relative position bias (32 buckets x 64 heads), final norm; stored in bf16.
 UMT5_XXL_ENCODER_NUMEL = 256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64) + 4096
-
-# Megatron plan of the Wan block (the rule of megadistill.models.wan.keys.tp_split_dim).
-_COLUMN = ("self_attn.q", "self_attn.k", "self_attn.v", "cross_attn.q", "cross_attn.k", "cross_attn.v",
-           "ffn.0", "self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k")
-_ROW = ("self_attn.o", "cross_attn.o", "ffn.2")
 
 
 # --- layout and DeepSpeed settings ------------------------------------------------------------------
@@ -136,67 +133,16 @@ class ZeroSettings:
 
 def parameter_shapes(cfg: WanConfig) -> list:
     """``[(native name, full shape)]`` of every tensor of a Wan T2V DiT."""
-    c, f, pt = cfg.dim, cfg.ffn_dim, cfg.patch_size
-    out = [("patch_embedding.weight", (c, cfg.in_dim, *pt)), ("patch_embedding.bias", (c,)),
-           ("text_embedding.0.weight", (c, cfg.text_dim)), ("text_embedding.0.bias", (c,)),
-           ("text_embedding.2.weight", (c, c)), ("text_embedding.2.bias", (c,)),
-           ("time_embedding.0.weight", (c, cfg.freq_dim)), ("time_embedding.0.bias", (c,)),
-           ("time_embedding.2.weight", (c, c)), ("time_embedding.2.bias", (c,)),
-           ("time_projection.1.weight", (6 * c, c)), ("time_projection.1.bias", (6 * c,))]
-    for i in range(cfg.num_layers):
-        b = f"blocks.{i}."
-        out.append((b + "modulation", (1, 6, c)))
-        for attn in ("self_attn", "cross_attn"):
-            for lin in "qkvo":
-                out += [(f"{b}{attn}.{lin}.weight", (c, c)), (f"{b}{attn}.{lin}.bias", (c,))]
-            out += [(f"{b}{attn}.norm_q.weight", (c,)), (f"{b}{attn}.norm_k.weight", (c,))]
-        if cfg.cross_attn_norm:
-            out += [(b + "norm3.weight", (c,)), (b + "norm3.bias", (c,))]
-        out += [(b + "ffn.0.weight", (f, c)), (b + "ffn.0.bias", (f,)),
-                (b + "ffn.2.weight", (c, f)), (b + "ffn.2.bias", (c,))]
-    out += [("head.modulation", (1, 2, c)), ("head.head.weight", (cfg.patch_out, c)),
-            ("head.head.bias", (cfg.patch_out,))]
-    return out
-
-
-def tp_split_dim(name: str) -> Optional[int]:
-    """Dimension of tensor ``name`` split across tp ranks (None: held whole on every tp rank)."""
-    parts = name.split(".")
-    if parts[0] != "blocks" or len(parts) < 4:
-        return None
-    sub, kind = ".".join(parts[2:-1]), parts[-1]
-    if sub in _COLUMN:
-        return 0
-    if sub in _ROW and kind == "weight":
-        return 1
-    return None
-
-
-def _block_of(name: str) -> Optional[int]:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" else None
-
-
-def stage_blocks(num_layers: int, pp: int) -> list:
-    """``[(start, stop)]`` block ranges of the pp stages (earlier stages take the extra block)."""
-    if pp > num_layers:
-        raise ValueError(f"cannot split {num_layers} blocks into pp={pp} stages")
-    base, extra = divmod(num_layers, pp)
-    out, lo = [], 0
-    for s in range(pp):
-        hi = lo + base + (1 if s < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
+    return list(native_shapes(cfg).items())
 
 
 def local_parameter_numels(cfg: WanConfig, tp: int = 1, pp: int = 1, stage: int = 0) -> list:
     """``[(name, numel on this tp rank)]`` of the tensors pipeline stage ``stage`` holds (embeddings on
     the first stage, the head on the last, the time path on every stage)."""
-    lo, hi = stage_blocks(cfg.num_layers, pp)[stage]
+    lo, hi = even_stage_blocks(cfg.num_layers, pp)[stage]
     out = []
     for name, shape in parameter_shapes(cfg):
-        b = _block_of(name)
+        b = block_index(name)
         if b is not None and not lo <= b < hi:
             continue
         if b is None and name.startswith("head.") and stage != pp - 1:
@@ -392,7 +338,7 @@ class RoleEstimate:
 def _worst_stage(cfg: WanConfig, layout: Layout):
     stages = [local_parameter_numels(cfg, layout.tp, layout.pp, s) for s in range(layout.pp)]
     s = max(range(layout.pp), key=lambda i: sum(n for _, n in stages[i]))
-    lo, hi = stage_blocks(cfg.num_layers, layout.pp)[s]
+    lo, hi = even_stage_blocks(cfg.num_layers, layout.pp)[s]
     return stages[s], hi - lo
 
 
@@ -406,8 +352,8 @@ def estimate_role(role: RoleSpec, work: Workload, layout: Layout, zero: ZeroSett
     params, blocks = _worst_stage(cfg, layout)
     numels = [n for _, n in params]
     total = sum(numels)
-    largest_block = max((sum(n for name, n in params if _block_of(name) == b)
-                         for b in {_block_of(name) for name, _ in params if _block_of(name) is not None}),
+    largest_block = max((sum(n for name, n in params if block_index(name) == b)
+                         for b in {block_index(name) for name, _ in params if block_index(name) is not None}),
                         default=0)
     partitioned = zero.stage == 3 and (role.trainable or zero3_frozen)
     n_group = layout.zero_group
@@ -608,5 +554,5 @@ def roles_of(run: RunConfig, shapes: Dict[str, WanConfig]) -> Dict[str, RoleSpec
 __all__ = ["DTYPE_BYTES", "GIB", "Layout", "RoleEstimate", "RoleSpec", "RunEstimate", "UMT5_XXL_ENCODER_NUMEL",
            "Workload", "ZeroSettings", "activation_bytes", "block_saved_elements", "estimate_role", "estimate_run",
            "forward_working_bytes", "kv_cache_bytes", "local_parameter_numels", "local_tokens", "parameter_shapes",
-           "resolve_shapes", "roles_of", "stage_blocks", "text_encoder_bytes", "tp_split_dim",
+           "resolve_shapes", "roles_of", "text_encoder_bytes", "tp_split_dim",
            "wan_config_from_folder", "zero3_partition_numel"]

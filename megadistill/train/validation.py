@@ -45,12 +45,21 @@ def generate(run, prompts, module=None, seed: int = 0):
     def call(cond):
         return lambda x, t: adapter.predict_flow(_Net(net), x, t, cond)
 
+    timesteps = torch.tensor(spec.timesteps, dtype=torch.float64)
+    if spec.causal:
+        # Block by block with the KV cache, each block denoised through the whole step list.
+        from megadistill.methods.causal_rollout import block_rollout
+
+        n = adapter.frames_per_block(net)
+        exits = [len(timesteps) - 1] * (shape[1] // n)
+        return block_rollout(adapter, net, batch.cond, noise, timesteps, exits,
+                             context_timestep=spec.context_timestep, generator=torch.Generator().manual_seed(seed))
     guidance = None
     if spec.guidance_scale is not None:
         guidance = Guidance(call(adapter.negative_cond(batch)), spec.guidance_scale, spec.guidance_convention)
     g = torch.Generator().manual_seed(seed)
-    return sample_video(call(batch.cond), noise, torch.tensor(spec.timesteps, dtype=torch.float64),
-                        adapter.noise_scheduler, sampler=spec.sampler, generator=g, guidance=guidance)
+    return sample_video(call(batch.cond), noise, timesteps, adapter.noise_scheduler, sampler=spec.sampler,
+                        generator=g, guidance=guidance)
 
 
 class _Net:

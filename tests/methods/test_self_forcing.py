@@ -64,21 +64,24 @@ def prepared(method, batch=2):
 # -- plans ------------------------------------------------------------------------------------------
 
 def test_plan_is_a_function_of_seed_and_step_shared_by_blocks():
-    a, b = make_method(seed=7), make_method(seed=7)
+    bundle = make_bundle()  # plans do not depend on weights: one bundle for every instance
+    a, b = make_method(seed=7, bundle=bundle), make_method(seed=7, bundle=bundle)
     plans = [a.rollout_plan(s, p) for s in range(40) for p in ("generator", "critic")]
     assert plans == [b.rollout_plan(s, p) for s in range(40) for p in ("generator", "critic")]  # every rank agrees
     assert all(len(set(p.exits)) == 1 and p.num_blocks == 2 and p.grad_from_block == 0 for p in plans)
     assert {p.exits[0] for p in plans} == {0, 1, 2, 3}  # uniform over the step list
-    other = make_method(seed=8)
+    other = make_method(seed=8, bundle=bundle)
     assert [other.rollout_plan(s).exits for s in range(40)] != [a.rollout_plan(s).exits for s in range(40)]
     assert a.exit_index(3, "critic") == a.rollout_plan(3, "critic").exits[0]
 
 
 def test_exit_step_per_block_varies_across_blocks():
-    m = make_method({"exit_step_per_block": True})
+    bundle = make_bundle()
+    m = make_method({"exit_step_per_block": True}, bundle=bundle)
     plans = [m.rollout_plan(s) for s in range(30)]
     assert any(len(set(p.exits)) > 1 for p in plans)
-    assert plans == [make_method({"exit_step_per_block": True}).rollout_plan(s) for s in range(30)]
+    again = make_method({"exit_step_per_block": True}, bundle=bundle)
+    assert plans == [again.rollout_plan(s) for s in range(30)]
 
 
 def test_random_rollout_length_draws_whole_blocks_in_range():

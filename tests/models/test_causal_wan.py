@@ -1,6 +1,5 @@
 """CausalWanDiT: the masked whole-clip path and the cached block-by-block path agree; the cache
 keeps, evicts and overwrites exactly the frames it should; gradients flow; bad input is refused."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ from megadistill.models.wan import WanDiT, get_preset, init_weights
 from megadistill.models.wan.causal import CausalSelfAttentionFn, CausalWanDiT, KVCache
 from megadistill.models.wan.parallel import parallelize_wan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from _dist_spawn import spawn  # noqa: E402
+from _dist_spawn import spawn
 
 CFG = get_preset("tiny")  # 2 layers, 4 heads of 32; latents 8x8 -> 4x4 = 16 tokens per frame
 TOL = dict(rtol=0, atol=1e-5)

@@ -17,7 +17,7 @@ from megadistill.models.wan.parallel import (ParallelWanDiT, _local_rope, _local
                                              parallelize_wan, patchify)
 
 from _wan_reference import SHAPES, assert_close, check_layout, make_inputs, reference_step, tiny_model, tp_slice
-from _wan_spawn import spawn
+from _dist_spawn import spawn
 
 F32 = 4  # bytes per element
 

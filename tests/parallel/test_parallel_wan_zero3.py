@@ -10,7 +10,7 @@ from megadistill.models.wan.parallel import (chunk_bounds, gather_chunks, local_
                                              patchify_output)
 
 from _wan_reference import ADAMW, SHAPES, assert_close, make_inputs, reference_step, tiny_model
-from _wan_spawn import spawn
+from _dist_spawn import spawn
 
 
 def _zero3_worker(rank, world):

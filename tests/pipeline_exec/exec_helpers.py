@@ -1,11 +1,7 @@
-"""Shared pieces of the pipeline-executor tests: tiny Wan roles, the pp = 1 reference, gloo spawn."""
+"""Shared pieces of the pipeline-executor tests: tiny Wan roles and the pp = 1 reference."""
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.multiprocessing as mp
 
 from megadistill.diffusion import FlowMatchScheduler
 
@@ -101,29 +97,3 @@ def stage_roles(stage: int, num_stages: int, tp_group=None):
         roles[name] = StageRole(name, part, _optimizer(part.parameters()) if trainable else None,
                                 grad_clip=GRAD_CLIP.get(name), replicated=part.replicated_parameters())
     return roles
-
-
-# -- gloo processes --------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, fn, world_size, port, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import megadistill.distributed as md
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        md.destroy()
-
-
-def spawn(fn, world_size: int, *args):
-    """Run ``fn(rank, world_size, *args)`` (module-level) in ``world_size`` forked gloo processes; a
-    failure in any raises here with its traceback."""
-    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True,
-                       start_method="fork")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import exec_helpers as H
+from _dist_spawn import spawn
 from megadistill.pipeline.executor import ExecutorError, PipelineExecutor, check_pipeline_zero_stage
 
 TOL = 1e-5
@@ -86,11 +87,11 @@ def _pipeline_worker(rank, world, tp, reference):
 
 
 def test_pp2_equals_train_step(reference):
-    H.spawn(_pipeline_worker, 2, 1, reference)
+    spawn(_pipeline_worker, 2, 1, reference)
 
 
 def test_pp2_tp2_equals_train_step(reference):
-    H.spawn(_pipeline_worker, 4, 2, reference)
+    spawn(_pipeline_worker, 4, 2, reference)
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from _dist_spawn import spawn
 from _tiny_run import ROOT
 
 LAUNCH = os.path.join(ROOT, "launch", "pretrain_dmd.py")
@@ -107,10 +108,11 @@ def test_sample_causal_streams_past_the_training_length(tmp_path, capsys):
     model.save_pretrained(tmp_path / "student")
     sample = load_file("sample_causal", os.path.join(ROOT, "launch", "sample.py"))
     out = tmp_path / "samples"
-    rc = sample.main(["--checkpoint", str(tmp_path / "student"), "--prompts", "a red ball", "--causal",
-                      "--steps", "1000,750,500", "--warp", "--text-encoder", "tiny", "--latent-shape", "16", "4", "4",
-                      "4", "--num-frames", "8", "--num-frame-per-block", "2", "--local-attn-size", "4",
-                      "--context-noise", "100", "--seed", "3", "--out", str(out)])
+    with torch.enable_grad():  # sample.main turns grad off process-wide; restore it on the way out
+        rc = sample.main(["--checkpoint", str(tmp_path / "student"), "--prompts", "a red ball", "--causal",
+                          "--steps", "1000,750,500", "--warp", "--text-encoder", "tiny", "--latent-shape", "16", "4",
+                          "4", "4", "--num-frames", "8", "--num-frame-per-block", "2", "--local-attn-size", "4",
+                          "--context-noise", "100", "--seed", "3", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "frames/s" in printed and "first block after" in printed
@@ -139,5 +141,59 @@ def test_sample_causal_streams_past_the_training_length(tmp_path, capsys):
                 model.forward_block(sched.add_noise(x0, torch.randn(x0.shape, generator=g), tc), tc, text, cache, s)
     assert cache.evicted
     torch.testing.assert_close(got, torch.cat(blocks, dim=2)[0], rtol=1e-5, atol=1e-6)
-    assert sample.main(["--checkpoint", str(tmp_path / "student"), "--prompts", "x", "--causal", "--num-steps", "4",
-                        "--text-encoder", "tiny", "--latent-shape", "16", "4", "4", "4", "--out", str(out)]) == 2
+    with torch.enable_grad():
+        assert sample.main(["--checkpoint", str(tmp_path / "student"), "--prompts", "x", "--causal", "--num-steps",
+                            "4", "--text-encoder", "tiny", "--latent-shape", "16", "4", "4", "4", "--out", str(out)]) == 2
+
+
+def _zero3_block_worker(rank, world):
+    """Rank's view: the cached-path rollout of a causal student held by a ZeRO-3 engine (every
+    parameter partitioned) equals the plain module's, forward and full gradients."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_grad
+
+    import megadistill.distributed as md
+    from megadistill.diffusion import FlowMatchScheduler
+    from megadistill.methods import RoleHandle
+    from megadistill.methods.causal_rollout import block_rollout
+    from megadistill.models.wan import get_preset, init_weights
+    from megadistill.models.wan.adapter import WanAdapter
+    from megadistill.models.wan.causal import CausalWanDiT
+
+    torch.set_grad_enabled(True)
+    md.initialize(backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo")
+    adapter = WanAdapter(None, FlowMatchScheduler(1000, 5.0), latent_shape=(16, 6, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    noise, text, weight = torch.randn(1, 16, 6, 4, 4, generator=g), torch.randn(1, 8, 64, generator=g), \
+        torch.randn(1, 16, 6, 4, 4, generator=g)
+    steps = torch.tensor([1000.0, 750.0, 500.0, 250.0], dtype=torch.float64)
+
+    def rollout(handle):
+        out = block_rollout(adapter, handle, {"text_states": text}, noise, steps, (2, 1, 3), grad_from_block=0,
+                            context_timestep=100.0, generator=torch.Generator().manual_seed(1))
+        return out, (out * weight).sum()
+
+    def build():
+        return init_weights(CausalWanDiT(get_preset("tiny"), num_frame_per_block=2), seed=1)
+
+    reference = build()
+    ref_out, ref_loss = rollout(reference)
+    ref_loss.backward()
+    model = build()
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=config, mpu=md.mpu)
+    assert all(p.data.numel() == 0 for p in engine.module.parameters())  # all partitioned
+    out, loss = rollout(RoleHandle("student", None, True, engine=engine))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    engine.backward(loss)  # identical inputs on both ranks: the averaged gradient is the reference's
+    for (name, p), ref in zip(engine.module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(safe_get_full_grad(p), ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cached_rollout_under_zero3_equals_one_process():
+    spawn(_zero3_block_worker, 2)

@@ -3,17 +3,16 @@ single-process run: tiny DMD2, 4 steps with generator_update_interval 2 (both ph
 in every layout so all of them see the same prompts and noise. Per-step losses and grad norms and
 the final student / critic weights agree to float32 round-off; resuming an sp = 2 run from its
 step-2 checkpoint continues it exactly."""
+import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from _tiny_run import ROOT, tiny_dmd2_dict
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed"))
-from _dist_spawn import spawn  # noqa: E402
+from _dist_spawn import spawn
 
 DS_CONFIG = os.path.join(ROOT, "configs", "ds", "zero3_cpu.json")
 STEPS = 4
@@ -140,6 +139,39 @@ def test_sp2_equals_single_process_and_resumes_exactly(reference, tmp_path):
 
 def test_tp2_sp2_equals_single_process(reference, tmp_path):
     assert_same_run(train(tmp_path, "tp2sp2", world=4, tp=2, sp=2), reference, "tp=2 x sp=2")
+
+
+def _build_from_checkpoint(rank, world, ckpt_dir, expected):
+    import deepspeed
+
+    import megadistill.distributed as md
+    from megadistill.models.wan.family import build_model
+    from megadistill.methods.roles import RoleHandle
+    from megadistill.train.builder import role_ds_config
+
+    md.initialize(tp=2, sp=2, backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = _config(ckpt_dir, 2, 2, STEPS, 0)
+    role = dataclasses.replace(cfg.models["student"], path=str(ckpt_dir))
+    with open(DS_CONFIG) as f:
+        ds = role_ds_config(json.load(f), cfg, "student", True)
+    model = build_model(role, cfg, seed=0, zero3_config=ds, mpu=md.mpu)
+    got = _full_weights(RoleHandle(name="student", module=model, trainable=True))
+    want = torch.load(expected, weights_only=True)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
+def test_tp2_sp2_zero3_build_from_checkpoint_holds_its_weights(tmp_path):
+    """A role loaded from a checkpoint under tp2 x sp2 + ZeRO-3 (rank 0 of each dp x sp group reads
+    its tp slice, DeepSpeed partitions it over that group) gathers back to the checkpoint's tensors."""
+    from megadistill.models.wan import WanDiT, get_preset, init_weights
+
+    model = init_weights(WanDiT(get_preset("tiny").replace(text_len=16)), seed=5)
+    model.save_pretrained(tmp_path / "ckpt", format="native")
+    torch.save({k: v.detach() for k, v in model.named_parameters()}, tmp_path / "expected.pt")
+    spawn(_build_from_checkpoint, 4, str(tmp_path / "ckpt"), str(tmp_path / "expected.pt"))
 
 
 def test_layouts_the_trainer_refuses(tmp_path):

@@ -1,13 +1,10 @@
 """A role built under ZeRO-3 (partitioned from construction, filled tensor by tensor) holds exactly
 the weights of the plainly built model, both from a preset init and from a checkpoint; the
 partitioned EMA gathers back to the plain EMA."""
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed"))
-from _dist_spawn import spawn  # noqa: E402
+from _dist_spawn import spawn
 
 DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
       "zero_optimization": {"stage": 3}}

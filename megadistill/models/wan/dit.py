@@ -311,11 +311,12 @@ class WanDiT(nn.Module):
     # -- checkpoints --
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, **_unused):
+    def from_pretrained(cls, path, dtype=None, device="cpu", **_unused):
         """Reads a Wan native checkpoint (file or folder of .safetensors/.pth), a diffusers
         ``WanTransformer3DModel`` folder or a megadistill checkpoint; the format is detected.
         The model is built on the meta device and each tensor loaded into place, so the weights
-        are in memory once. Under an initialized tensor-parallel grid only this rank's shard is read."""
+        are in memory once (on ``device``: a GPU rank loads straight into GPU memory). Under an
+        initialized tensor-parallel grid only this rank's shard is read."""
         from .checkpoint import open_wan_checkpoint
         from .loading import build_on_meta
         from .parallel import load_for_grid
@@ -324,7 +325,7 @@ class WanDiT(nn.Module):
             model = build_on_meta(cls, ckpt.config)
             # tp/sp layers for an initialized grid with tp or sp > 1 (else the model as built), then
             # this rank's shard of every tensor
-            model = load_for_grid(model, ckpt, dtype=dtype)
+            model = load_for_grid(model, ckpt, dtype=dtype, device=device)
         return model
 
     def save_pretrained(self, path, format: str = "megadistill", dtype=None, overwrite: bool = False,

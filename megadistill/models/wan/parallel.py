@@ -202,13 +202,13 @@ def mark_tensor_parallel_parameters(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_for_grid(model: WanDiT, ckpt, dtype=None) -> WanDiT:
+def load_for_grid(model: WanDiT, ckpt, dtype=None, device="cpu") -> WanDiT:
     """Parallelize a meta ``model`` for the initialized grid, then load only this rank's tp shard
     of every tensor from ``ckpt`` (any format, a megadistill checkpoint at any saved tp)."""
     from .loading import load_parameters
 
     model = parallelize_from_grid(model)
-    load_parameters(model, ckpt, dtype=dtype)
+    load_parameters(model, ckpt, dtype=dtype, device=device)
     return mark_tensor_parallel_parameters(model)
 
 

@@ -18,6 +18,7 @@ def _entry(rank, fn, world_size, port, args):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import megadistill.distributed as md
+    md.destroy()  # a forked child must not inherit the parent's (single-process) grid
     try:
         fn(rank, world_size, *args)
     finally:
