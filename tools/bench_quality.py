@@ -39,8 +39,8 @@ import torch
 
 ROOT = Path(_bootstrap.ROOT)
 DEFAULT_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"max_steps": 1000, "samples": 256}
-FULL = {"max_steps": 2000, "samples": 512}
+QUICK = {"max_steps": 1500, "samples": 256}
+FULL = {"max_steps": 3000, "samples": 512}
 
 
 def parse_args(argv=None):

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-text-encoder", action="store_true",
                     help="leave the UMT5-XXL text encoder out (text states precomputed or offloaded)")
     ap.add_argument("--teacher-replicated", action="store_true",
-                    help="the frozen teacher whole on every rank instead of ZeRO-3 partitioned")
+                    help="the frozen teacher whole on every rank instead of ZeRO-3 partitioned "
+                         "(what models.teacher.zero3_partition: false in the config also says)")
     ap.add_argument("--sweep", help="comma list of layouts tpXspY (e.g. tp1sp1,tp2sp4): one row each")
     ap.add_argument("--checkpointing", choices=("config", "on", "off", "both"), default="config",
                     help="activation checkpointing: as the config says, forced on/off, or both (with --sweep)")

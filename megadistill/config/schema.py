@@ -30,6 +30,7 @@ Method = Literal["dmd2", "finetune", "self_forcing", "ode_init"]
 DType = Literal["fp32", "bf16", "fp16"]
 LRScheduler = Literal["constant", "cosine", "linear"]
 DataKind = Literal["prompts", "webdataset", "synthetic"]
+PipelineSchedule = Literal["interleaved", "sequential"]
 
 
 def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **bounds):
@@ -65,6 +66,11 @@ class ParallelConfig:
     pp: int = _f(1, ge=1)
     sequence_parallel: bool = False         # Megatron sequence parallel inside the TP group
     activation_checkpointing: bool = False
+    # pp > 1 only: the schedule engine's order of the op graph on the stages, and the number of
+    # equal microbatches a step's batch is split into (null: training.micro_batch_size, one
+    # sample each; must divide it).
+    pipeline_schedule: PipelineSchedule = "interleaved"
+    microbatches: Optional[int] = _f(None, ge=1)
 
 
 @dataclass(frozen=True)

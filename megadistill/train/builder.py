@@ -121,11 +121,14 @@ def build_data(cfg: RunConfig, family):
 def check_parallel_layout(cfg: RunConfig, ds_config: dict | None):
     """The layouts the trainer runs: any dp (ZeRO or not) x tp x Ulysses sp, with a DeepSpeed
     config when tp or sp > 1 (its engines reduce gradients over dp x sp and take the tp-aware grad
-    norm; plain torch handles do neither). Pipeline parallel is not wired into the trainer."""
+    norm; plain torch handles do neither). Pipeline parallel (pp > 1) has its own rules
+    (:func:`megadistill.train.pipeline_run.check_pipeline_layout`)."""
     p = cfg.parallel
     if p.pp > 1:
-        raise ConfigError("config", "parallel.pp", f"pp={p.pp}: the trainer does not run pipeline parallel "
-                          "layouts yet; set parallel.pp to 1")
+        from .pipeline_run import check_pipeline_layout
+
+        check_pipeline_layout(cfg, ds_config)
+        return
     if (p.tp > 1 or p.sp > 1) and ds_config is None:
         raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} needs DeepSpeed engines: pass --ds_config "
                           "(e.g. configs/ds/zero3_cpu.json), or set parallel.tp and parallel.sp to 1")
@@ -160,6 +163,10 @@ def scale_output_gradient(module: torch.nn.Module, factor: float):
 def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
     p = cfg.parallel
     check_parallel_layout(cfg, ds_config)
+    if p.pp > 1:  # each rank builds its stage's slices; the method runs on the pipeline executor
+        from .pipeline_run import build_pipeline_run
+
+        return build_pipeline_run(cfg, ds_config)
     grid_lib.initialize(tp=p.tp, sp=p.sp, pp=p.pp)
     if ds_config is not None:
         import deepspeed

@@ -313,6 +313,7 @@ class RoleSpec:
     dtype: str = "bf16"
     trainable: bool = True
     causal: bool = False
+    zero3_partition: bool = True  # models.<role>.zero3_partition (a frozen role may stay whole)
 
 
 @dataclass
@@ -355,7 +356,7 @@ def estimate_role(role: RoleSpec, work: Workload, layout: Layout, zero: ZeroSett
     largest_block = max((sum(n for name, n in params if block_index(name) == b)
                          for b in {block_index(name) for name, _ in params if block_index(name) is not None}),
                         default=0)
-    partitioned = zero.stage == 3 and (role.trainable or zero3_frozen)
+    partitioned = zero.stage == 3 and (role.trainable or (zero3_frozen and role.zero3_partition))
     n_group = layout.zero_group
     est.info.update(parameters_local=total, blocks_local=blocks, zero3=partitioned)
     if partitioned:
@@ -547,7 +548,7 @@ def text_encoder_bytes(text_encoder: Optional[str]) -> int:
 
 
 def roles_of(run: RunConfig, shapes: Dict[str, WanConfig]) -> Dict[str, RoleSpec]:
-    return {name: RoleSpec(name, shapes[name], mc.dtype, bool(mc.trainable), mc.causal)
+    return {name: RoleSpec(name, shapes[name], mc.dtype, bool(mc.trainable), mc.causal, mc.zero3_partition)
             for name, mc in run.models.items()}
 
 

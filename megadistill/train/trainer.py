@@ -69,6 +69,13 @@ class Trainer:
         self.history = []  # (step, logs) of this process, for tests and the final summary
         self.writer = None
         self.validation_every = cfg.logging.validation_every
+        self.pipeline = cfg.parallel.pp > 1
+        if self.pipeline and self.validation_every:
+            # Sampling needs the whole student on one rank; a stage holds a slice of it.
+            self.validation_every = 0
+            if _rank() == 0:
+                print(f"parallel.pp={cfg.parallel.pp}: validation sampling is skipped "
+                      "(logging.validation_every ignored)", flush=True)
         # Fixed before any batch is drawn, so a resumed run validates on the same prompts.
         self.validation_prompts = default_prompts(cfg, run.data) if self.validation_every else []
 
@@ -78,6 +85,11 @@ class Trainer:
                 "skipped_in_row": self.skipped_in_row, "data": self.run.data.state_dict()}
 
     def save(self):
+        if self.pipeline:  # per-stage slices (megadistill.train.pipeline_run)
+            from .pipeline_run import save_pipeline_checkpoint
+
+            return save_pipeline_checkpoint(self.output_dir, self.step, self.run.bundle.roles, self.trainer_state(),
+                                            config_to_dict(self.run.cfg), keep_last=self.run.cfg.checkpoint.keep_last)
         return save_training_checkpoint(self.output_dir, self.step, self.run.bundle.roles,
                                         self.trainer_state(), config_to_dict(self.run.cfg),
                                         keep_last=self.run.cfg.checkpoint.keep_last)
@@ -87,7 +99,12 @@ class Trainer:
         if path is None:
             return None
         self._check_layout(path)
-        state = load_training_checkpoint(path, self.run.bundle.roles)
+        if self.pipeline:
+            from .pipeline_run import load_pipeline_checkpoint
+
+            state = load_pipeline_checkpoint(path, self.run.bundle.roles)
+        else:
+            state = load_training_checkpoint(path, self.run.bundle.roles)
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
         self.skipped_in_row = int(state["skipped_in_row"])

@@ -236,7 +236,8 @@ def run_tool(capsys, *argv):
 
 def test_cli_json_for_the_14b_recipe(capsys):
     out = run_tool(capsys, "--config", RECIPE, "--ds_config", DS, "--nodes", "8", "--gpus-per-node", "8",
-                   "--shapes-only", "--set", "parallel.sp=2", "--json")
+                   "--shapes-only", "--set", "parallel.sp=2", "--set", "models.teacher.zero3_partition=true",
+                   "--json")
     d = json.loads(out)
     assert set(d["per_gpu_bytes"]) == {"student", "teacher", "critic", "total"}
     assert d["layout"] == {"world": 64, "nodes": 8, "gpus_per_node": 8, "tp": 1, "sp": 2, "pp": 1, "dp": 32,
@@ -249,6 +250,15 @@ def test_cli_json_for_the_14b_recipe(capsys):
     assert d["fits"] == (d["per_gpu_bytes"]["total"] <= d["budget_bytes"])
     assert d["per_gpu_bytes"]["total"] == (sum(sum(b["static"].values()) for b in d["breakdown"].values())
                                            + sum(d["shared"].values()) + max(d["phases"].values()))
+
+
+def test_cli_keeps_a_whole_teacher_as_the_recipe_says(capsys):
+    """The 14B recipe sets models.teacher.zero3_partition: false: the planner holds it whole."""
+    out = run_tool(capsys, "--config", RECIPE, "--ds_config", DS, "--nodes", "8", "--gpus-per-node", "8",
+                   "--shapes-only", "--json")
+    teacher = json.loads(out)["breakdown"]["teacher"]["static"]
+    assert "params_partition" not in teacher
+    assert abs(teacher["params"] - 14.29e9 * 2) / teacher["params"] < 0.01
 
 
 def test_cli_needs_shapes_only_for_missing_weights(capsys):

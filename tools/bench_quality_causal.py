@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Causal quality benchmark: ODE-init then self-forcing of a block-causal student from the shipped
+tiny teacher, sampled block by block at the training length F and at 2F.
+
+    python tools/bench_quality_causal.py --quick --json causal.json      # CPU, < 15 min on 2 cores
+    python tools/bench_quality_causal.py --bidirectional_json quality.json  # reuse a bench_quality run
+
+1. writes teacher ODE trajectories (``tools/generate_ode_pairs.py``) of ``--pairs`` synthetic
+   captions: the shipped teacher, 50 uniform Euler steps with the kept timesteps inserted, CFG as the
+   bidirectional bench's ``teacher_50`` (the DMD2 quality config's ``guidance_scale`` /
+   ``guidance_convention``);
+2. ODE-inits a causal student from the teacher's weights (``configs/tiny_ode_init_quality.yaml``),
+   exports it in Wan native format, then trains it with self-forcing DMD
+   (``configs/tiny_self_forcing_quality.yaml``: teacher as real score, critic from the teacher);
+   both through ``launch/pretrain_dmd.py``;
+3. samples the student block by block with its KV cache (``megadistill.eval.causal_quality``) at F
+   (whole prefix) and at 2F (local window ``--window`` frames + ``--sinks`` sink frames), scored
+   against the synthetic world of that length;
+4. takes the bidirectional DMD2 student's FD from ``--bidirectional_json`` (a ``bench_quality.py``
+   JSON of the same ``--samples`` and ``--seed``) or distils and samples it here (``--dmd2_steps``);
+5. prints one JSON object::
+
+     {"causal_1x": {"fd", "adherence", "temporal_error"}, "causal_2x": {...},
+      "bidirectional_student_fd": x, "noise_floor_fd": x,
+      "bar": {"fd_ratio_1x", "temporal_ratio_2x", "met", ...}, "wall_s": x,
+      "reference": {...}, "settings": {...}}
+
+The bar (docs/QUALITY_causal.md): ``fd_1x <= 1.2 x bidirectional_student_fd`` and
+``temporal_error_2x <= 1.5 x temporal_error_1x``. ``--check`` exits 1 when it is missed.
+"""
+import argparse
+import codecs
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+ROOT = Path(_bootstrap.ROOT)
+TEACHER = "configs/weights/tiny_teacher"
+ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
+SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
+DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
+QUICK = {"pairs": 256, "ode_steps": 200, "sf_steps": 200, "dmd2_steps": 300, "samples": 256}
+FULL = {"pairs": 1024, "ode_steps": 600, "sf_steps": 1000, "dmd2_steps": 2000, "samples": 512}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"short mode {QUICK} (default {FULL})")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the JSON to this file")
+    ap.add_argument("--pairs", type=int, default=None, help="ODE trajectories (captions) for ODE-init")
+    ap.add_argument("--ode_steps", type=int, default=None, help="ODE-init training steps")
+    ap.add_argument("--sf_steps", type=int, default=None, help="self-forcing DMD training steps")
+    ap.add_argument("--dmd2_steps", type=int, default=None,
+                    help="bidirectional DMD2 steps when --bidirectional_json is not given")
+    ap.add_argument("--samples", type=int, default=None, help="clips per evaluated set")
+    ap.add_argument("--bidirectional_json", default=None,
+                    help="bench_quality.py JSON (same --samples and --seed) holding student_4's FD")
+    ap.add_argument("--ode_config", default=ODE_CONFIG)
+    ap.add_argument("--sf_config", default=SF_CONFIG)
+    ap.add_argument("--dmd2_config", default=DMD2_CONFIG, help="bidirectional DMD2 config (also the CFG of the pairs)")
+    ap.add_argument("--set_ode", action="append", default=[], metavar="KEY=VALUE", help="override of the ODE-init config")
+    ap.add_argument("--set_sf", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the self-forcing config")
+    ap.add_argument("--set_dmd2", action="append", default=[], metavar="KEY=VALUE", help="override of the DMD2 config")
+    ap.add_argument("--window", type=int, default=6, help="2F sampling: attention window in latent frames")
+    ap.add_argument("--sinks", type=int, default=3, help="2F sampling: attention-sink frames")
+    ap.add_argument("--teacher_steps", type=int, default=50, help="uniform Euler steps of the ODE pairs")
+    ap.add_argument("--batch_size", type=int, default=64, help="clips per sampling batch")
+    ap.add_argument("--seed", type=int, default=0, help="evaluation seed (captions, noise)")
+    ap.add_argument("--output_dir", default=None, help="work folder (default: a temporary folder, removed)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every stage")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the bar is missed")
+    return ap.parse_args(argv)
+
+
+# -- stages (each a subprocess of the repository's own tools) ---------------------------------------------
+
+def run_logged(cmd, threads, what: str) -> None:
+    """Run ``cmd`` with its output forwarded to stderr (stdout carries only the JSON)."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(f"[bench_quality_causal] {what}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        rc = proc.wait()
+    if rc:
+        raise SystemExit(f"{what} failed (exit code {rc}): {' '.join(cmd)}")
+
+
+def write_captions(path: Path, count: int, seed: int) -> None:
+    """``count`` random captions of the synthetic world, one a line (the ODE-pair prompts)."""
+    from megadistill.data.synthetic import mix_seed, sample_captions
+
+    if count < 1:
+        raise ValueError(f"--pairs {count} must be >= 1")
+    captions = sample_captions(count, torch.Generator().manual_seed(mix_seed("causal-ode-pairs", seed)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(captions) + "\n")
+    tmp.replace(path)
+
+
+def ode_pairs(ode_cfg, dmd2_cfg, out: Path, count: int, teacher_steps: int, seed: int, threads) -> Path:
+    """Teacher CFG ODE trajectories through the ODE-init config's step list, as WebDataset shards."""
+    mc, pc = ode_cfg.method_config, ode_cfg.pipeline_config
+    prompts = out / "ode_prompts.txt"
+    write_captions(prompts, count, seed)
+    pairs = out / "ode_pairs"
+    cmd = [sys.executable, str(ROOT / "tools" / "generate_ode_pairs.py"), "--teacher", str(ROOT / TEACHER),
+           "--prompts", str(prompts), "--text-encoder", pc.text_encoder,
+           "--latent-shape", *map(str, pc.latent_shape), "--num-steps", str(teacher_steps),
+           "--keep-steps", ",".join(str(int(s)) for s in mc["denoising_steps"]), "--shift", str(pc.flow_shift),
+           "--batch-size", "64", "--samples-per-shard", "256", "--seed", str(seed), "--out", str(pairs),
+           "--overwrite"]
+    if mc.get("warp_denoising_step", False):
+        cmd.append("--warp")
+    scale = dmd2_cfg.method_config.get("guidance_scale")
+    if scale is not None:
+        cmd += ["--guidance-scale", str(scale), "--guidance-convention",
+                dmd2_cfg.method_config.get("guidance_convention", "cfg")]
+    run_logged(cmd, threads, "ODE pairs")
+    return pairs
+
+
+def train(config: str, overrides, output_dir: Path, max_steps: int, threads, what: str) -> Path:
+    """``launch/pretrain_dmd.py`` in a subprocess; returns the final checkpoint folder."""
+    from megadistill.train.checkpoint import latest_checkpoint
+
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain_dmd.py"), "--config", config,
+           "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--checkpoint_every", "0"]
+    for o in overrides:
+        cmd += ["--set", o]
+    run_logged(cmd, threads, what)
+    ckpt = latest_checkpoint(str(output_dir))
+    if ckpt is None:
+        raise SystemExit(f"{what} wrote no checkpoint under {output_dir}")
+    return Path(ckpt)
+
+
+def export_student(checkpoint: Path, like: Path, dst: Path) -> Path:
+    """A Wan native folder (``config.json`` of ``like`` + the checkpoint's student weights), so the
+    next stage's config can name it as a model ``path``."""
+    weights = checkpoint / "student.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{checkpoint} holds no student.safetensors")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(like / "config.json", tmp / "config.json")
+    shutil.copyfile(weights, tmp / "diffusion_pytorch_model.safetensors")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.replace(dst)
+    return dst
+
+
+# -- measurement -------------------------------------------------------------------------------------------
+
+def student_timesteps(sf_cfg, scheduler) -> torch.Tensor:
+    """The self-forcing student's step list, as the method derives it from ``method_config``."""
+    from megadistill.diffusion import denoising_step_list
+    from megadistill.methods.base import parse_method_config
+    from megadistill.methods.self_forcing import SelfForcingConfig
+
+    mc = parse_method_config(SelfForcingConfig, sf_cfg.method_config, "self_forcing")
+    shift = scheduler.shift if mc.flow_shift is None else mc.flow_shift
+    return denoising_step_list(mc.denoising_steps, mc.warp_denoising_step, shift, scheduler.num_train_timesteps)
+
+
+def measure_causal(sf_config: str, sf_overrides, weights: Path, samples: int, window: int, sinks: int,
+                   batch_size: int, seed: int) -> dict:
+    """Rows ``causal_1x`` (whole prefix, F frames) and ``causal_2x`` (window + sinks, 2F frames)."""
+    from megadistill.config import load_config
+    from megadistill.eval.causal_quality import causal_row, world_of_length
+    from megadistill.eval.quality import build_adapter, load_role_model, world_of
+
+    rows = {}
+    base = load_config(sf_config, sf_overrides)
+    frames = base.pipeline_config.latent_shape[1]
+    c, _, h, w = base.pipeline_config.latent_shape
+    for name, length, extra in (("causal_1x", frames, ["pipeline_config.local_attn_size=-1",
+                                                       "pipeline_config.sink_size=0"]),
+                                ("causal_2x", 2 * frames, [f"pipeline_config.local_attn_size={window}",
+                                                           f"pipeline_config.sink_size={sinks}",
+                                                           f"pipeline_config.latent_shape=[{c},{2 * frames},{h},{w}]"])):
+        cfg = load_config(sf_config, list(sf_overrides) + extra)
+        student = load_role_model(cfg, "student", weights)
+        adapter = build_adapter(cfg, {"student": student})
+        timesteps = student_timesteps(cfg, adapter.noise_scheduler)
+        context = float(cfg.method_config.get("context_noise", 0.0)) * adapter.noise_scheduler.num_train_timesteps / 1000.0
+        world = world_of_length(world_of(base), length)
+        t0 = time.perf_counter()
+        rows[name] = causal_row(student, adapter, world, timesteps, samples, seed, batch_size, context)
+        rows[name]["sample_s"] = time.perf_counter() - t0
+    return rows
+
+
+def bidirectional_fd(args, out: Path, samples: int, steps: int) -> dict:
+    """``{"fd", "source"}`` of the bidirectional 4-step DMD2 student on the same evaluation set."""
+    if args.bidirectional_json:
+        report = json.loads(Path(args.bidirectional_json).read_text())
+        if "student_4" not in report or "fd" not in report["student_4"]:
+            raise SystemExit(f"{args.bidirectional_json} has no student_4.fd: give a tools/bench_quality.py JSON")
+        return {"fd": float(report["student_4"]["fd"]), "source": str(args.bidirectional_json)}
+    bench_quality = _bidirectional_bench()
+    from megadistill.config import load_config
+    from megadistill.eval.quality import SamplingSpec, build_adapter, load_role_model, quality_report, world_of
+
+    cfg = load_config(args.dmd2_config, args.set_dmd2)
+    ckpt = train(args.dmd2_config, args.set_dmd2, out / "dmd2", steps, args.threads, "bidirectional DMD2")
+    weights = ckpt / "ema_student.safetensors"
+    if not weights.is_file():
+        weights = ckpt / "student.safetensors"
+    student = load_role_model(cfg, "student", weights)
+    adapter = build_adapter(cfg, {"student": student})
+    spec = SamplingSpec("student_4", student, bench_quality.student_step_list(cfg, adapter.noise_scheduler), "sde")
+    report, _ = quality_report([spec], adapter, world_of(cfg), samples, args.seed, args.batch_size)
+    return {"fd": report["student_4"]["fd"], "source": f"{args.dmd2_config}, {steps} steps (this run)",
+            "adherence": report["student_4"]["adherence"], "temporal_error": report["student_4"]["temporal_error"]}
+
+
+def _bidirectional_bench():
+    """``tools/bench_quality.py`` as a module (its step list and sampling rows are reused)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args) -> dict:
+    from megadistill.config import load_config
+    from megadistill.eval.causal_quality import causal_bar
+
+    start = time.perf_counter()
+    mode = QUICK if args.quick else FULL
+    pick = lambda key: getattr(args, key) if getattr(args, key) is not None else mode[key]  # noqa: E731
+    pairs_n, ode_steps, sf_steps, dmd2_steps, samples = (pick(k) for k in
+                                                         ("pairs", "ode_steps", "sf_steps", "dmd2_steps", "samples"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="bench_quality_causal_") as tmp:
+        out = Path(args.output_dir or tmp).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        ode_cfg = load_config(args.ode_config, ["data.path=."] + args.set_ode)
+        dmd2_cfg = load_config(args.dmd2_config, args.set_dmd2)
+        t = time.perf_counter()
+        pairs = ode_pairs(ode_cfg, dmd2_cfg, out, pairs_n, args.teacher_steps, args.seed, args.threads)
+        timings["ode_pairs_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ode_ckpt = train(args.ode_config, [f"data.path={pairs}"] + args.set_ode, out / "ode_init", ode_steps,
+                         args.threads, "ODE-init")
+        timings["ode_init_s"] = time.perf_counter() - t
+        init = export_student(ode_ckpt, ROOT / TEACHER, out / "ode_student")
+        sf_overrides = [f"models.student.path={init}"] + args.set_sf
+        t = time.perf_counter()
+        sf_ckpt = train(args.sf_config, sf_overrides, out / "self_forcing", sf_steps, args.threads, "self-forcing")
+        timings["self_forcing_s"] = time.perf_counter() - t
+        rows = measure_causal(args.sf_config, sf_overrides, sf_ckpt / "student.safetensors", samples, args.window,
+                              args.sinks, args.batch_size, args.seed)
+        t = time.perf_counter()
+        bidir = bidirectional_fd(args, out, samples, dmd2_steps)
+        timings["bidirectional_s"] = time.perf_counter() - t
+    keys = ("fd", "adherence", "temporal_error")
+    result = {name: {k: rows[name][k] for k in keys} for name in ("causal_1x", "causal_2x")}
+    result["bidirectional_student_fd"] = bidir["fd"]
+    result["noise_floor_fd"] = rows["causal_1x"]["noise_floor_fd"]
+    result["bar"] = causal_bar(rows["causal_1x"]["fd"], rows["causal_1x"]["temporal_error"],
+                               rows["causal_2x"]["temporal_error"], bidir["fd"])
+    result["wall_s"] = time.perf_counter() - start
+    result["reference"] = {"noise_floor_fd_2x": rows["causal_2x"]["noise_floor_fd"],
+                           "real_temporal_error_1x": rows["causal_1x"]["real_temporal_error"],
+                           "real_temporal_error_2x": rows["causal_2x"]["real_temporal_error"],
+                           "bidirectional": bidir}
+    result["settings"] = {"pairs": pairs_n, "ode_steps": ode_steps, "sf_steps": sf_steps, "samples": samples,
+                          "dmd2_steps": None if args.bidirectional_json else dmd2_steps, "window": args.window,
+                          "sinks": args.sinks, "seed": args.seed,
+                          **timings, **{f"{n}_sample_s": rows[n]["sample_s"] for n in rows}}
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megadistill.config import ConfigError
+
+    try:
+        result = run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if args.json:
+        tmp_path = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp_path.write_text(text + "\n")
+        tmp_path.replace(args.json)
+    bar = result["bar"]
+    print(f"{'PASS' if bar['met'] else 'FAIL'}  fd_1x / bidirectional_fd = {bar['fd_ratio_1x']:.3f} (<= 1.2), "
+          f"temporal_2x / temporal_1x = {bar['temporal_ratio_2x']:.3f} (<= 1.5)", file=sys.stderr)
+    return 1 if args.check and not bar["met"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
