@@ -7,6 +7,7 @@ Layout of one checkpoint::
         <role>/                    DeepSpeed engine checkpoint (ZeRO partitions of every rank)
         <role>.safetensors         or, for a plain module: weights (rank 0)
         <role>.optim.pt            and its optimizer / lr-scheduler state (rank 0)
+        <role>_stage<s>.*          the same per pipeline stage (pp > 1: each stage's rank)
         ema_<role>.safetensors     EMA weights of a role that keeps one (rank 0), or under ZeRO-3
         ema_<role>_rank<r>.safetensors   each rank's partition of them
         trainer_rank<r>.pt         per-rank trainer state: data position and every RNG state
@@ -124,12 +125,23 @@ def _atomic_torch_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+def _plain_files(stage):
+    """(writes plain-module files, file suffix): rank 0 writes whole roles; under pipeline
+    parallelism (one rank per stage) every stage's rank writes its slice as ``<role>_stage<s>``."""
+    if stage is None:
+        return _rank() == 0, ""
+    return True, f"_stage{stage}"
+
+
 def save_training_checkpoint(output_dir, step: int, handles: dict, trainer_state: dict,
-                             config_dict: dict | None = None, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                             config_dict: dict | None = None, keep_last: int = 0, stage: int | None = None,
+                             num_stages: int = 1) -> Path:
+    """Collective: every rank calls it. Returns the final folder. ``stage``: this rank's pipeline
+    stage when the roles are stage slices (``num_stages`` > 1)."""
     final = step_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     rank = _rank()
+    writes, suffix = _plain_files(stage)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -139,16 +151,16 @@ def save_training_checkpoint(output_dir, step: int, handles: dict, trainer_state
             continue
         if h.engine is not None:
             h.engine.save_checkpoint(str(tmp / name), tag="state", save_latest=False)
-        elif rank == 0:
+        elif writes:
             save_file({k: v.detach().contiguous().cpu() for k, v in h.module.state_dict().items()},
-                      str(tmp / f"{name}.safetensors"))
+                      str(tmp / f"{name}{suffix}.safetensors"))
             _atomic_torch_save({"optimizer": h.optimizer.state_dict() if h.optimizer else None,
                                 "lr_scheduler": h.lr_scheduler.state_dict() if h.lr_scheduler else None},
-                               tmp / f"{name}.optim.pt")
+                               tmp / f"{name}{suffix}.optim.pt")
         if h.ema is not None and getattr(h.ema, "partitioned", False):
             save_file(h.ema.state_dict(), str(tmp / f"ema_{name}_rank{rank}.safetensors"))
-        elif h.ema is not None and rank == 0:
-            save_file(h.ema.state_dict(), str(tmp / f"ema_{name}.safetensors"))
+        elif h.ema is not None and writes:
+            save_file(h.ema.state_dict(), str(tmp / f"ema_{name}{suffix}.safetensors"))
     _atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{rank}.pt")
     _fault_point("checkpoint_written", step, rank)
     _barrier()
@@ -156,7 +168,7 @@ def save_training_checkpoint(output_dir, step: int, handles: dict, trainer_state
         meta = {"format": "megadistill-training-checkpoint", "version": 1, "step": step,
                 "roles": sorted(n for n, h in handles.items() if h.trainable),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "config": config_dict}
+                "pipeline_stages": num_stages, "config": config_dict}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -167,15 +179,17 @@ def save_training_checkpoint(output_dir, step: int, handles: dict, trainer_state
     return final
 
 
-def load_training_checkpoint(path, handles: dict) -> dict:
+def load_training_checkpoint(path, handles: dict, stage: int | None = None, num_stages: int = 1) -> dict:
     """Restores every trainable role (weights, optimizer, scheduler, EMA) and returns this rank's
-    trainer state (its RNG state is restored too)."""
+    trainer state (its RNG state is restored too). ``stage``/``num_stages`` as for saving."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta["world_size"] != world:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
-                         f"{world}: resume with the same layout (re-shard offline with tools/export.py)")
+    if meta["world_size"] != world or meta.get("pipeline_stages", 1) != num_stages:
+        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks in "
+                         f"{meta.get('pipeline_stages', 1)} pipeline stage(s), this run has {world} ranks in "
+                         f"{num_stages}: resume with the same layout (re-shard offline with tools/export.py)")
+    _, suffix = _plain_files(stage)
     for name in meta["roles"]:
         if name not in handles:
             raise KeyError(f"checkpoint {path} has role {name!r}, which this run does not build")
@@ -183,14 +197,14 @@ def load_training_checkpoint(path, handles: dict) -> dict:
         if h.engine is not None:
             h.engine.load_checkpoint(str(path / name), tag="state", load_module_strict=True)
         else:
-            h.module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-            opt = torch.load(path / f"{name}.optim.pt", weights_only=True)
+            h.module.load_state_dict(load_file(str(path / f"{name}{suffix}.safetensors")))
+            opt = torch.load(path / f"{name}{suffix}.optim.pt", weights_only=True)
             if h.optimizer is not None and opt["optimizer"] is not None:
                 h.optimizer.load_state_dict(opt["optimizer"])
             if h.lr_scheduler is not None and opt["lr_scheduler"] is not None:
                 h.lr_scheduler.load_state_dict(opt["lr_scheduler"])
         if h.ema is not None:
-            part = "_rank%d" % _rank() if getattr(h.ema, "partitioned", False) else ""
+            part = "_rank%d" % _rank() if getattr(h.ema, "partitioned", False) else suffix
             h.ema.load_state_dict(load_file(str(path / f"ema_{name}{part}.safetensors")))
     state = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=True)
     set_rng_state(state.pop("rng"))

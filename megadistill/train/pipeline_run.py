@@ -18,27 +18,17 @@ EMA. A role's EMA is elementwise, so each stage keeps the EMA of its slice; it i
 every applied generator update (finite norm) with the step, as ``RoleHandle.step`` does.
 Validation sampling needs the whole student on one rank and is skipped under pp > 1.
 
-Checkpoints (same folder, atomicity and ``meta.json`` as :mod:`megadistill.train.checkpoint`)::
-
-    <role>_stage<s>.safetensors      stage s's slice of the role (native names)
-    <role>_stage<s>.optim.pt         its optimizer / lr-scheduler state
-    ema_<role>_stage<s>.safetensors  its EMA slice
-    trainer_rank<r>.pt               per-rank trainer state and RNG states
-
-``meta.json`` records ``pipeline_stages``; a checkpoint resumes only with the same pp.
+Checkpoints: :mod:`megadistill.train.checkpoint` with ``stage=``, which writes each stage's slices
+as ``<role>_stage<s>.safetensors`` / ``.optim.pt`` / ``ema_<role>_stage<s>.safetensors``;
+``meta.json`` records ``pipeline_stages`` and a checkpoint resumes only with the same pp.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any, Dict, Mapping
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from megadistill import distributed as grid_lib
 from megadistill.config import ConfigError, RunConfig
@@ -48,7 +38,6 @@ from megadistill.methods.roles import ModelBundle
 from megadistill.models.registry import get_family
 from megadistill.pipeline.executor import PipelineExecutor, StageRole, check_pipeline_zero_stage
 
-from .checkpoint import _atomic_torch_save, list_checkpoints, rng_state, set_rng_state, step_dir
 
 _ROLE_ORDER = ("student", "teacher", "critic")  # the builder's seed offsets: seed + 1000 * index
 
@@ -193,76 +182,3 @@ def build_pipeline_run(cfg: RunConfig, ds_config: dict | None = None):
                device=device)
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_pipeline_checkpoint(output_dir, step: int, handles: dict, trainer_state: dict, config_dict: dict,
-                             keep_last: int = 0) -> Path:
-    """Collective over the world: every stage writes its slices (see the module docstring)."""
-    final = step_dir(output_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    rank, stage = _rank(), grid_lib.get_pp_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    for name, h in handles.items():
-        if not h.trainable:
-            continue
-        save_file({k: v.detach().contiguous().cpu() for k, v in h.module.state_dict().items()},
-                  str(tmp / f"{name}_stage{stage}.safetensors"))
-        _atomic_torch_save({"optimizer": h.optimizer.state_dict(),
-                            "lr_scheduler": h.lr_scheduler.state_dict() if h.lr_scheduler else None},
-                           tmp / f"{name}_stage{stage}.optim.pt")
-        if h.ema is not None:
-            save_file(h.ema.state_dict(), str(tmp / f"ema_{name}_stage{stage}.safetensors"))
-    _atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        meta = {"format": "megadistill-training-checkpoint", "version": 1, "step": step,
-                "roles": sorted(n for n, h in handles.items() if h.trainable),
-                "world_size": dist.get_world_size(), "pipeline_stages": grid_lib.get_pp_size(),
-                "config": config_dict}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if keep_last:
-            for old in list_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def load_pipeline_checkpoint(path, handles: dict) -> dict:
-    """Restores this stage's slice of every trainable role (weights, optimizer, scheduler, EMA) and
-    returns this rank's trainer state (its RNG states restored)."""
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    stages = grid_lib.get_pp_size()
-    if meta.get("pipeline_stages") != stages or meta["world_size"] != dist.get_world_size():
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks with pipeline_stages="
-                         f"{meta.get('pipeline_stages')}, this run has {dist.get_world_size()} ranks and pp={stages}: "
-                         "resume with the same parallel.pp")
-    stage = grid_lib.get_pp_rank()
-    for name in meta["roles"]:
-        if name not in handles:
-            raise KeyError(f"checkpoint {path} has role {name!r}, which this run does not build")
-        h = handles[name]
-        h.module.load_state_dict(load_file(str(path / f"{name}_stage{stage}.safetensors")))
-        opt = torch.load(path / f"{name}_stage{stage}.optim.pt", weights_only=True)
-        h.optimizer.load_state_dict(opt["optimizer"])
-        if h.lr_scheduler is not None and opt["lr_scheduler"] is not None:
-            h.lr_scheduler.load_state_dict(opt["lr_scheduler"])
-        if h.ema is not None:
-            h.ema.load_state_dict(load_file(str(path / f"ema_{name}_stage{stage}.safetensors")))
-    state = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=True)
-    set_rng_state(state.pop("rng"))
-    return state

@@ -85,26 +85,24 @@ class Trainer:
                 "skipped_in_row": self.skipped_in_row, "data": self.run.data.state_dict()}
 
     def save(self):
-        if self.pipeline:  # per-stage slices (megadistill.train.pipeline_run)
-            from .pipeline_run import save_pipeline_checkpoint
-
-            return save_pipeline_checkpoint(self.output_dir, self.step, self.run.bundle.roles, self.trainer_state(),
-                                            config_to_dict(self.run.cfg), keep_last=self.run.cfg.checkpoint.keep_last)
         return save_training_checkpoint(self.output_dir, self.step, self.run.bundle.roles,
                                         self.trainer_state(), config_to_dict(self.run.cfg),
-                                        keep_last=self.run.cfg.checkpoint.keep_last)
+                                        keep_last=self.run.cfg.checkpoint.keep_last, **self._stage())
+
+    def _stage(self) -> dict:
+        """Pipeline stage of this rank when the roles are stage slices (files per stage)."""
+        if not self.pipeline:
+            return {}
+        from megadistill import distributed as grid
+
+        return {"stage": grid.get_pp_rank(), "num_stages": grid.get_pp_size()}
 
     def maybe_resume(self):
         path = resolve_resume(self.resume, self.output_dir)
         if path is None:
             return None
         self._check_layout(path)
-        if self.pipeline:
-            from .pipeline_run import load_pipeline_checkpoint
-
-            state = load_pipeline_checkpoint(path, self.run.bundle.roles)
-        else:
-            state = load_training_checkpoint(path, self.run.bundle.roles)
+        state = load_training_checkpoint(path, self.run.bundle.roles, **self._stage())
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
         self.skipped_in_row = int(state["skipped_in_row"])

@@ -1,6 +1,5 @@
 """CausalWanDiT: the masked whole-clip path and the cached block-by-block path agree; the cache
 keeps, evicts and overwrites exactly the frames it should; gradients flow; bad input is refused."""
-from pathlib import Path
 
 import pytest
 import torch
