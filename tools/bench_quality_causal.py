@@ -47,7 +47,7 @@ TEACHER = "configs/weights/tiny_teacher"
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"pairs": 256, "ode_steps": 200, "sf_steps": 200, "dmd2_steps": 300, "samples": 256}
+QUICK = {"pairs": 128, "ode_steps": 300, "sf_steps": 500, "dmd2_steps": 1000, "samples": 256}
 FULL = {"pairs": 1024, "ode_steps": 600, "sf_steps": 1000, "dmd2_steps": 2000, "samples": 512}
 
 

@@ -1,14 +1,14 @@
 """Sample-quality benchmark of text-to-video latent generators on the synthetic world.
 
-A generator is reached through ``predict_flow(x_t, t, cond) -> v`` and an adapter-like object
-for text (``prepare_batch`` / ``negative_cond``), so any family and any role can be measured.
-Three ways of sampling are compared, all from the same starting noise and captions:
+A generator is reached through its family's adapter (``predict_flow(model, x_t, t, cond) -> v``,
+``prepare_batch`` / ``negative_cond`` for the text), so any family and any role can be measured.
+Two samplers, both from the same starting noise and captions:
 
-* ``ode_cfg``: Euler on the flow (``megadistill.diffusion.ode_sample``) with classifier-free
-  guidance ``v = guided_prediction(v_cond, v_uncond, scale, convention)`` -- how the teacher
-  samples, with 50 uniform steps of the shifted schedule or a few-step list;
-* ``sde``: DMD few-step sampling (``sde_sample``): predict x0, re-noise it to the next step with
-  fresh noise; no guidance (a distilled student has the guidance baked in).
+* ``"ode"``: Euler on the flow (``megadistill.diffusion.ode_sample``), optionally with
+  classifier-free guidance ``v = guided_prediction(v_cond, v_uncond, scale, convention)``: how a
+  teacher samples, on 50 uniform steps of the shifted schedule or on a few-step list;
+* ``"sde"``: DMD few-step sampling (``sde_sample``): predict x0, re-noise it to the next step with
+  fresh noise; normally without guidance (a distilled student has it baked in).
 
 Each set of generated clips is scored with ``megadistill.eval.evaluate`` against an independent
 set of real clips of the same size (FD is only comparable at equal set sizes). Sample ``i``
