@@ -181,6 +181,14 @@ class DMD2Method(TrainingMethod):
     def is_generator_step(self, step: int) -> bool:
         return step % self.config.generator_update_interval == 0
 
+    def rollout_plan(self, step: int, phase: str = GENERATOR_PHASE):
+        """What the rollout of ``step``'s phase needs to know; for dmd2 the exit index (subclasses
+        with richer rollouts return more)."""
+        return self.exit_index(step, phase)
+
+    def plan_logs(self, plan) -> Dict[str, float]:
+        return {"generator_exit_index": float(plan)}
+
     def exit_index(self, step: int, phase: str = GENERATOR_PHASE) -> int:
         """Index into ``denoising_steps`` of the graded rollout step at ``step`` (same on every rank)."""
         if phase not in (GENERATOR_PHASE, CRITIC_PHASE):
@@ -252,13 +260,13 @@ class DMD2Method(TrainingMethod):
         if self.is_generator_step(step):
             student = self.bundle["student"]
             uncond = self.adapter.negative_cond(prepared) if self.config.uses_uncond else None
-            exit_index = self.exit_index(step, GENERATOR_PHASE)
-            loss, extra = self.generator_loss(prepared, uncond, exit_index)
+            plan = self.rollout_plan(step, GENERATOR_PHASE)
+            loss, extra = self.generator_loss(prepared, uncond, plan)
             self.adapter.backward(student, loss)
             _log_norm(logs, "generator_grad_norm", student.step(step))
-            logs.update(generator_loss=loss.item(), generator_exit_index=float(exit_index), **extra)
+            logs.update(generator_loss=loss.item(), **self.plan_logs(plan), **extra)
         critic = self.bundle["critic"]
-        loss = self.critic_loss(prepared, self.exit_index(step, CRITIC_PHASE))
+        loss = self.critic_loss(prepared, self.rollout_plan(step, CRITIC_PHASE))
         self.adapter.backward(critic, loss)
         _log_norm(logs, "critic_grad_norm", critic.step(step))
         logs["critic_loss"] = loss.item()

@@ -41,7 +41,7 @@ from .adapter import CausalAdapter, PreparedBatch
 from .base import (SamplingSpec, config_error, derive_seed, parse_method_config, require_bool, require_int,
                    require_number)
 from .causal_rollout import block_rollout
-from .dmd2 import CRITIC_PHASE, GENERATOR_PHASE, DMD2Config, DMD2Method, _log_norm
+from .dmd2 import CRITIC_PHASE, GENERATOR_PHASE, DMD2Config, DMD2Method
 from .registry import register_method
 from .roles import ModelBundle
 
@@ -172,25 +172,9 @@ class SelfForcingMethod(DMD2Method):
                               context_timestep=self.context_timestep)
         return video[:, :, video.shape[2] - self.training_frames:]
 
-    # -- the step ---------------------------------------------------------------------------------
-    def train_step(self, batch: Mapping[str, Any], step: int) -> Dict[str, float]:
-        prepared = self.adapter.prepare_batch(batch, latents_source=self.latents_source)
-        logs: Dict[str, float] = {}
-        if self.is_generator_step(step):
-            student = self.bundle["student"]
-            uncond = self.adapter.negative_cond(prepared) if self.config.uses_uncond else None
-            plan = self.rollout_plan(step, GENERATOR_PHASE)
-            loss, extra = self.generator_loss(prepared, uncond, plan)
-            self.adapter.backward(student, loss)
-            _log_norm(logs, "generator_grad_norm", student.step(step))
-            logs.update(generator_loss=loss.item(), generator_exit_index=sum(plan.exits) / len(plan.exits),
-                        rollout_frames=float(plan.num_blocks * self.block_frames), **extra)
-        critic = self.bundle["critic"]
-        loss = self.critic_loss(prepared, self.rollout_plan(step, CRITIC_PHASE))
-        self.adapter.backward(critic, loss)
-        _log_norm(logs, "critic_grad_norm", critic.step(step))
-        logs["critic_loss"] = loss.item()
-        return logs
+    def plan_logs(self, plan: RolloutPlan) -> Dict[str, float]:
+        return {"generator_exit_index": sum(plan.exits) / len(plan.exits),
+                "rollout_frames": float(plan.num_blocks * self.block_frames)}
 
     def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
         """Causal block-by-block sampling along the step list (predict x0, re-noise), the cache
