@@ -132,6 +132,12 @@ def quality_bar(report: dict) -> dict:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--causal" in argv:  # the block-autoregressive path: ODE-init, self-forcing, 1x and 2x length
+        import bench_quality_causal
+
+        argv.remove("--causal")
+        return bench_quality_causal.main(argv)
     args = parse_args(argv)
     start = time.perf_counter()
     mode = QUICK if args.quick else FULL

@@ -25,7 +25,7 @@ tiny teacher, sampled block by block at the training length F and at 2F.
       "bar": {"fd_ratio_1x", "temporal_ratio_2x", "met", ...}, "wall_s": x,
       "reference": {...}, "settings": {...}}
 
-The bar (docs/QUALITY_causal.md): ``fd_1x <= 1.2 x bidirectional_student_fd`` and
+The bar (docs/QUALITY.md, "The causal student"): ``fd_1x <= 1.2 x bidirectional_student_fd`` and
 ``temporal_error_2x <= 1.5 x temporal_error_1x``. ``--check`` exits 1 when it is missed.
 """
 import argparse

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,12 @@ def check_parallel_layout(cfg: RunConfig, ds_config: dict | None):
     if (p.tp > 1 or p.sp > 1) and ds_config is None:
         raise ConfigError("config", "parallel", f"tp={p.tp} sp={p.sp} needs DeepSpeed engines: pass --ds_config "
                           "(e.g. configs/ds/zero3_cpu.json), or set parallel.tp and parallel.sp to 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ds_config is None and world > p.tp * p.sp:
+        # Plain torch roles reduce no gradients: data-parallel replicas would silently diverge.
+        raise ConfigError("launcher", "--ds_config", f"{world} ranks with tp*sp = {p.tp * p.sp} is data parallel, "
+                          "which needs DeepSpeed engines to reduce gradients: pass --ds_config (e.g. "
+                          "configs/ds/zero3_cpu.json) or launch tp*sp ranks")
 
 
 class _ScaleGradient(torch.autograd.Function):

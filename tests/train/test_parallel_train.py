@@ -174,7 +174,7 @@ def test_tp2_sp2_zero3_build_from_checkpoint_holds_its_weights(tmp_path):
     spawn(_build_from_checkpoint, 4, str(tmp_path / "ckpt"), str(tmp_path / "expected.pt"))
 
 
-def test_layouts_the_trainer_refuses(tmp_path):
+def test_layouts_the_trainer_refuses(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from megadistill.config import ConfigError
@@ -186,6 +186,12 @@ def test_layouts_the_trainer_refuses(tmp_path):
     with pytest.raises(ConfigError, match="pipeline"):
         check_parallel_layout(_config(tmp_path, 1, 1, STEPS, 0, pp=2), {})
     check_parallel_layout(_config(tmp_path, 2, 2, STEPS, 0), {})
+    # plain data parallel would run unsynchronised replicas: refused without DeepSpeed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="data parallel"):
+        check_parallel_layout(_config(tmp_path, 1, 1, STEPS, 0), None)
+    check_parallel_layout(_config(tmp_path, 1, 1, STEPS, 0), {})
+    monkeypatch.delenv("WORLD_SIZE")
     # a checkpoint resumes only under the layout that wrote it
     (tmp_path / "meta.json").write_text(json.dumps({"config": {"parallel": {"tp": 1, "sp": 2, "pp": 1}}}))
     trainer = Trainer.__new__(Trainer)
