@@ -135,6 +135,8 @@ PRESETS = {
     "tiny-teacher": WanConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, text_len=32),
     "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # The 1.3B widths with 2 blocks: step-time benchmarks of a real-width model.
+    "wan2.1-t2v-1.3b-2layers": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2),
     # Wan2.2 A14B: two experts (high/low noise), each with the 14B shape.
     "wan2.2-t2v-a14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # Wan2.2 TI2V-5B: 48-channel latents of the Wan2.2 VAE.
