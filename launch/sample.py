@@ -357,9 +357,9 @@ def generate_causal(a) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        r = generate(a)
+        with torch.no_grad():  # scoped: main() is also called in-process (tests, other tools)
+            r = generate(a)
     except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
