@@ -64,6 +64,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def run_logged(cmd, threads, what: str) -> None:
+    """Run ``cmd``, its output (progress bar included) forwarded to stderr as it comes: stdout
+    carries only the JSON."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(f"[bench_quality] {what}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        rc = proc.wait()
+    if rc:
+        raise SystemExit(f"{what} failed (exit code {rc}): {' '.join(cmd)}")
+
+
 def distill(config: str, overrides, output_dir: str, max_steps: int, threads) -> Path:
     """Run the DMD2 launcher in a subprocess; returns the final checkpoint folder."""
     from megadistill.train.checkpoint import latest_checkpoint
@@ -72,19 +89,7 @@ def distill(config: str, overrides, output_dir: str, max_steps: int, threads) ->
            "--output_dir", output_dir, "--max_steps", str(max_steps), "--checkpoint_every", "0"]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    # The launcher's log (progress bar included) is forwarded to stderr as it comes: stdout
-    # carries only the JSON.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
-        while chunk := os.read(proc.stdout.fileno(), 4096):
-            sys.stderr.write(decoder.decode(chunk))
-            sys.stderr.flush()
-        rc = proc.wait()
-    if rc:
-        raise SystemExit(f"DMD2 training failed (exit code {rc}): {' '.join(cmd)}")
+    run_logged(cmd, threads, "DMD2 training")
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         raise SystemExit(f"DMD2 training wrote no checkpoint under {output_dir}")

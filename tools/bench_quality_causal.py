@@ -29,11 +29,8 @@ The bar (docs/QUALITY.md, "The causal student"): ``fd_1x <= 1.2 x bidirectional_
 ``temporal_error_2x <= 1.5 x temporal_error_1x``. ``--check`` exits 1 when it is missed.
 """
 import argparse
-import codecs
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,19 +81,8 @@ def parse_args(argv=None):
 # -- stages (each a subprocess of the repository's own tools) ---------------------------------------------
 
 def run_logged(cmd, threads, what: str) -> None:
-    """Run ``cmd`` with its output forwarded to stderr (stdout carries only the JSON)."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    print(f"[bench_quality_causal] {what}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
-        while chunk := os.read(proc.stdout.fileno(), 4096):
-            sys.stderr.write(decoder.decode(chunk))
-            sys.stderr.flush()
-        rc = proc.wait()
-    if rc:
-        raise SystemExit(f"{what} failed (exit code {rc}): {' '.join(cmd)}")
+    """``cmd`` with its output forwarded to stderr (``bench_quality.run_logged``)."""
+    _bidirectional_bench().run_logged(cmd, threads, what)
 
 
 def write_captions(path: Path, count: int, seed: int) -> None:
