@@ -68,6 +68,17 @@ class TrainingMethod(abc.ABC):
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """The model calls of ``train_step(·, step)`` per microbatch, as ordered phases."""
 
+    def update(self, role: str, loss, step: int) -> Dict[str, float]:
+        """Backward of ``loss`` into ``role`` and its optimizer step; logs ``loss`` and, where the
+        role reports one, ``grad_norm``."""
+        handle = self.bundle[role]
+        self.adapter.backward(handle, loss)
+        logs = {"loss": loss.item()}
+        norm = handle.step(step)
+        if norm is not None:  # an engine without a global norm reports none
+            logs["grad_norm"] = norm
+        return logs
+
     @abc.abstractmethod
     def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
         """How the trained role samples; ``num_steps`` overrides the method's own step count where

@@ -79,13 +79,7 @@ class FinetuneMethod(TrainingMethod):
         x0 = prepared.latents
         loss = self.loss(prepared, self.sample_timesteps(x0.shape[0], x0.device), torch.randn_like(x0),
                          self.conditioning(prepared))
-        student = self.bundle["student"]
-        self.adapter.backward(student, loss)
-        logs = {"loss": loss.item()}
-        norm = student.step(step)
-        if norm is not None:  # an engine without a global norm reports none
-            logs["grad_norm"] = norm
-        return logs
+        return self.update("student", loss, step)
 
     def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
         """Euler on the flow over ``num_steps`` (default 50) uniform steps of the shifted schedule."""

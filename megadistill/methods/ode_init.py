@@ -177,13 +177,7 @@ class OdeInitMethod(TrainingMethod):
         x0 = prepared.latents
         index = self.draw_indices(x0.shape[0], x0.shape[2], states.shape[1], x0.device)
         loss = self.loss(states, ts, x0, prepared.cond, index)
-        student = self.bundle["student"]
-        self.adapter.backward(student, loss)
-        logs = {"loss": loss.item()}
-        norm = student.step(step)
-        if norm is not None:  # an engine without a global norm reports none
-            logs["grad_norm"] = norm
-        return logs
+        return self.update("student", loss, step)
 
     def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
         """Causal block-by-block sampling along the step list; ``num_steps`` is ignored."""
