@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from megadistill.diffusion import FlowMatchScheduler
-from megadistill.pipeline.graph import BACKWARD, FORWARD, Op, OpGraph
+from megadistill.pipeline.graph import OpGraph, single_role_graph
 
 from .adapter import Adapter, PreparedBatch
 from .base import SamplingSpec, TrainingMethod, flow_matching_loss, parse_method_config, require_number
@@ -92,10 +92,4 @@ class FinetuneMethod(TrainingMethod):
 
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """One phase: per microbatch ``student.denoise`` (forward) and ``student.backward``."""
-        if num_microbatches < 1:
-            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-        ops: List[Op] = []
-        for m in range(num_microbatches):
-            fwd = Op("student", FORWARD, m, "student.denoise")
-            ops += [fwd, Op("student", BACKWARD, m, "student.backward", deps=(fwd.name,), forward_of=fwd.name)]
-        return [OpGraph(tuple(ops), title="finetune step")]
+        return [single_role_graph(num_microbatches, "finetune step")]

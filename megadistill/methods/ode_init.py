@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megadistill.diffusion import FlowMatchScheduler, denoising_step_list
-from megadistill.pipeline.graph import BACKWARD, FORWARD, Op, OpGraph
+from megadistill.pipeline.graph import OpGraph, single_role_graph
 
 from .adapter import CausalAdapter, PreparedBatch
 from .base import SamplingSpec, TrainingMethod, config_error, parse_method_config, require_bool, require_choice
@@ -186,10 +186,4 @@ class OdeInitMethod(TrainingMethod):
 
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """One phase: per microbatch ``student.denoise`` (forward, masked whole clip) and its backward."""
-        if num_microbatches < 1:
-            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-        ops: List[Op] = []
-        for m in range(num_microbatches):
-            fwd = Op("student", FORWARD, m, "student.denoise")
-            ops += [fwd, Op("student", BACKWARD, m, "student.backward", deps=(fwd.name,), forward_of=fwd.name)]
-        return [OpGraph(tuple(ops), title="ode_init step")]
+        return [single_role_graph(num_microbatches, "ode_init step")]

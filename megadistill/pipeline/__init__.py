@@ -4,7 +4,8 @@ a simulator of those lists and timeline output. Pure data; imports no model, met
 from .costs import (WAN_1_3B, WAN_14B, DiTShape, FlopsCostModel, MeasuredCostModel, UnitCostModel,
                     block_forward_flops, split_layers)
 from .graph import (BACKWARD, FORWARD, FORWARD_NOGRAD, GraphError, Op, OpGraph, dmd2_critic_graph,
-                    dmd2_generator_graph, self_forcing_critic_graph, self_forcing_generator_graph)
+                    dmd2_generator_graph, self_forcing_critic_graph, self_forcing_generator_graph,
+                    single_role_graph)
 from .instructions import (Compute, Message, OptimizerStep, RecvActivation, RecvGrad, Schedule, SendActivation,
                            SendGrad)
 from .schedules import (SCHEDULES, build_schedule, format_schedule, interleaved_schedule, sequential_schedule,
@@ -18,6 +19,6 @@ __all__ = [
     "RecvActivation", "RecvGrad", "Schedule", "ScheduleError", "SendActivation", "SendGrad", "SimResult",
     "UnitCostModel", "ascii_timeline", "block_forward_flops", "build_schedule", "chrome_trace",
     "dmd2_critic_graph", "dmd2_generator_graph", "format_schedule", "interleaved_schedule",
-    "self_forcing_critic_graph", "self_forcing_generator_graph", "sequential_schedule", "simulate",
+    "self_forcing_critic_graph", "self_forcing_generator_graph", "sequential_schedule", "simulate", "single_role_graph",
     "split_layers", "validate_schedule", "write_chrome_trace",
 ]

@@ -146,6 +146,17 @@ def _check_microbatches(num_microbatches: int) -> None:
         raise GraphError(f"num_microbatches must be >= 1, got {num_microbatches}")
 
 
+def single_role_graph(num_microbatches: int, title: str, role: str = "student") -> OpGraph:
+    """One trained role, per microbatch ``<role>.denoise`` (forward) and ``<role>.backward``: the
+    step of finetune and ODE-init."""
+    _check_microbatches(num_microbatches)
+    ops = []
+    for m in range(num_microbatches):
+        fwd = Op(role, FORWARD, m, f"{role}.denoise")
+        ops += [fwd, Op(role, BACKWARD, m, f"{role}.backward", deps=(fwd.name,), forward_of=fwd.name)]
+    return OpGraph(tuple(ops), title=title)
+
+
 def dmd2_generator_graph(num_microbatches: int, *, cfg: bool = True, update_critic: bool = True,
                          student: str = "student", teacher: str = "teacher", critic: str = "critic") -> OpGraph:
     """DMD2 generator step (the iteration that updates the generator; with the two time-scale
