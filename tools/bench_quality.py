@@ -37,6 +37,8 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
+from megadistill.checkpoint import write_json_atomic
+
 ROOT = Path(_bootstrap.ROOT)
 DEFAULT_CONFIG = "configs/tiny_dmd2_quality.yaml"
 QUICK = {"max_steps": 1500, "samples": 256}
@@ -166,9 +168,7 @@ def main(argv=None):
     text = json.dumps(result, indent=1)
     print(text, flush=True)
     if args.json:
-        tmp_path = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp_path.write_text(text + "\n")
-        tmp_path.replace(args.json)
+        write_json_atomic(args.json, text + "\n")
     bar = quality_bar(result)
     for name, ok in bar.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}", file=sys.stderr)

@@ -39,6 +39,8 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
+from megadistill.checkpoint import write_json_atomic
+
 ROOT = Path(_bootstrap.ROOT)
 TEACHER = "configs/weights/tiny_teacher"
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
@@ -289,9 +291,7 @@ def main(argv=None):
     text = json.dumps(result, indent=1)
     print(text, flush=True)
     if args.json:
-        tmp_path = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp_path.write_text(text + "\n")
-        tmp_path.replace(args.json)
+        write_json_atomic(args.json, text + "\n")
     bar = result["bar"]
     print(f"{'PASS' if bar['met'] else 'FAIL'}  fd_1x / bidirectional_fd = {bar['fd_ratio_1x']:.3f} (<= 1.2), "
           f"temporal_2x / temporal_1x = {bar['temporal_ratio_2x']:.3f} (<= 1.5)", file=sys.stderr)

@@ -1,8 +1,6 @@
 """tools/bench_quality.py end to end on a very short run, and the sampling library under it."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,29 +10,17 @@ from megadistill.data.synthetic import SyntheticVideoWorld
 from megadistill.diffusion import FlowMatchScheduler, sample_timesteps_uniform
 from megadistill.eval.quality import build_adapter, eval_set, generate, load_role_model
 
-ROOT = Path(__file__).resolve().parents[2]
+from _tool_loader import ROOT, load_tool
+
 CONFIG = ROOT / "configs" / "tiny_dmd2_quality.yaml"
 KEYS = {"real", "teacher_50", "teacher_4", "student_4", "noise_floor_fd", "wall_s"}
 METRICS = {"fd", "adherence", "temporal_error"}
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return module
-
-
 def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
     """Distill the shipped teacher for 2 steps through the launcher and measure 8 clips per set."""
     monkeypatch.chdir(ROOT)  # the config's weight paths are relative to the repository root
-    bench = _load_tool("bench_quality")
+    bench = load_tool("bench_quality")
     out_json = tmp_path / "quality.json"
     rc = bench.main(["--quick", "--max_steps", "2", "--samples", "8", "--teacher_steps", "6",
                      "--batch_size", "4", "--output_dir", str(tmp_path / "run"), "--json", str(out_json),
@@ -56,7 +42,7 @@ def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
 
 
 def test_student_step_list_is_the_methods():
-    bench = _load_tool("bench_quality")
+    bench = load_tool("bench_quality")
     cfg = load_config(CONFIG)
     steps = bench.student_step_list(cfg, FlowMatchScheduler(1000, 5.0))
     # [1000, 750, 500, 250] warped onto the shift-5 grid (DESIGN.md).
@@ -64,7 +50,7 @@ def test_student_step_list_is_the_methods():
 
 
 def test_quality_bar_conditions():
-    bench = _load_tool("bench_quality")
+    bench = load_tool("bench_quality")
     m = lambda fd, adh: {"fd": fd, "adherence": adh, "temporal_error": 0.1}  # noqa: E731
     good = {"teacher_50": m(10.0, 0.95), "teacher_4": m(100.0, 0.5), "student_4": m(10.5, 0.94)}
     assert all(bench.quality_bar(good).values())

@@ -1,9 +1,6 @@
 """tools/bench_quality_causal.py end to end on a very short run, and the causal sampling under it."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,20 +10,10 @@ from megadistill.data.synthetic import SyntheticVideoWorld
 from megadistill.eval.causal_quality import causal_bar, generate_causal, world_of_length
 from megadistill.eval.quality import build_adapter, eval_set, load_role_model
 
-ROOT = Path(__file__).resolve().parents[2]
+from _tool_loader import ROOT, load_tool
+
 SF_CONFIG = ROOT / "configs" / "tiny_self_forcing_quality.yaml"
 METRICS = {"fd", "adherence", "temporal_error"}
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return module
 
 
 def test_bench_quality_causal_short_run(tmp_path, monkeypatch, capsys):
@@ -36,7 +23,7 @@ def test_bench_quality_causal_short_run(tmp_path, monkeypatch, capsys):
     bidirectional = tmp_path / "quality.json"
     bidirectional.write_text(json.dumps({"student_4": {"fd": 123.0, "adherence": 0.5, "temporal_error": 0.1}}))
     out_json = tmp_path / "causal.json"
-    bench = _load_tool("bench_quality_causal")
+    bench = load_tool("bench_quality_causal")
     rc = bench.main(["--quick", "--pairs", "4", "--teacher_steps", "3", "--ode_steps", "2", "--sf_steps", "2",
                      "--samples", "4", "--batch_size", "4", "--bidirectional_json", str(bidirectional),
                      "--output_dir", str(tmp_path / "run"), "--json", str(out_json), "--threads", "1",
