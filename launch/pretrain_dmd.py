@@ -70,10 +70,39 @@ def main(argv=None):
     trainer = Trainer(run, cfg.logging.output_dir, checkpoint_every=args.checkpoint_every,
                       resume=args.resume)
     trainer.fit()
+    import torch.distributed as dist
+
     from megadistill import distributed as grid
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    student = None
+    if cfg.logging.quality_samples:  # collective: ZeRO-3 partitions are gathered from every rank
+        from megadistill.train.quality_report import student_full_state
+
+        student = student_full_state(run.bundle["student"])
     grid.destroy()
+    if student is not None and rank == 0:
+        print_quality_report(cfg, student)
     return 0
+
+
+def print_quality_report(cfg, student) -> None:
+    """Sample the teacher and the trained ``student`` (its full state dict: the EMA weights when
+    the run keeps them) and print the quality report (docs/QUALITY.md) as one JSON line; also
+    written to ``<output_dir>/quality.json``."""
+    import time
+
+    from megadistill.checkpoint import write_json_atomic
+    from megadistill.train.quality_report import dmd2_quality_report
+
+    start = time.perf_counter()
+    n = cfg.logging.quality_samples
+    print(f"quality report: sampling {n} clips per set (teacher 50 and 4 steps, student) ...", flush=True)
+    report = dmd2_quality_report(cfg, student, n)
+    report["wall_s"] = time.perf_counter() - start
+    text = json.dumps(report)
+    write_json_atomic(os.path.join(cfg.logging.output_dir, "quality.json"), text + "\n")
+    print(f"quality report ({n} clips per set; docs/QUALITY.md): {text}", flush=True)
 
 
 if __name__ == "__main__":

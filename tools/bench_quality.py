@@ -98,46 +98,6 @@ def distill(config: str, overrides, output_dir: str, max_steps: int, threads) ->
     return ckpt
 
 
-def student_step_list(cfg, scheduler) -> torch.Tensor:
-    """The student's timesteps, as the DMD2 method derives them from ``method_config``."""
-    from megadistill.diffusion import denoising_step_list
-    from megadistill.methods.base import parse_method_config
-    from megadistill.methods.dmd2 import DMD2Config
-
-    mc = parse_method_config(DMD2Config, cfg.method_config, "dmd2")
-    shift = scheduler.shift if mc.flow_shift is None else mc.flow_shift
-    return denoising_step_list(mc.denoising_steps, mc.warp_denoising_step, shift, scheduler.num_train_timesteps)
-
-
-def measure(cfg, checkpoint: Path, samples: int, teacher_steps: int, batch_size: int, seed: int) -> dict:
-    from megadistill.diffusion import sample_timesteps_uniform
-    from megadistill.eval.quality import SamplingSpec, build_adapter, load_role_model, quality_report, world_of
-
-    weights = checkpoint / "ema_student.safetensors"
-    if not weights.is_file():
-        weights = checkpoint / "student.safetensors"
-    teacher = load_role_model(cfg, "teacher")
-    student = load_role_model(cfg, "student", weights)
-    adapter = build_adapter(cfg, {"teacher": teacher, "student": student})
-    sched = adapter.noise_scheduler
-    steps = student_step_list(cfg, sched)
-    uniform = sample_timesteps_uniform(teacher_steps, shift=sched.shift, num_train_timesteps=sched.num_train_timesteps)
-    scale, convention = cfg.method_config.get("guidance_scale"), cfg.method_config.get("guidance_convention", "cfg")
-    specs = [SamplingSpec("teacher_50", teacher, uniform, "ode", scale, convention),
-             SamplingSpec("teacher_4", teacher, steps, "ode", scale, convention),
-             SamplingSpec("student_4", student, steps, "sde")]
-    report, _ = quality_report(specs, adapter, world_of(cfg), samples, seed, batch_size)
-    return report
-
-
-def quality_bar(report: dict) -> dict:
-    """The bar of docs/QUALITY.md: each condition and whether it holds."""
-    s, t50, t4 = report["student_4"], report["teacher_50"], report["teacher_4"]
-    return {"student_fd <= 1.1 x teacher_50_fd": s["fd"] <= 1.1 * t50["fd"],
-            "student_fd <= 0.3 x teacher_4_fd": s["fd"] <= 0.3 * t4["fd"],
-            "student_adherence >= teacher_50_adherence - 0.02": s["adherence"] >= t50["adherence"] - 0.02}
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--causal" in argv:  # the block-autoregressive path: ODE-init, self-forcing, 1x and 2x length
@@ -153,6 +113,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from megadistill.config import ConfigError, load_config
+    from megadistill.train.quality_report import dmd2_quality_report, quality_bar
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -162,8 +123,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         out = args.output_dir or tmp
         checkpoint = distill(args.config, args.overrides, out, max_steps, args.threads)
-        report = measure(cfg, checkpoint, samples, args.teacher_steps, args.batch_size, args.seed)
-    result = {k: report[k] for k in ("real", "teacher_50", "teacher_4", "student_4", "noise_floor_fd")}
+        result = dmd2_quality_report(cfg, checkpoint, samples, args.teacher_steps, args.batch_size, args.seed)
     result["wall_s"] = time.perf_counter() - start
     text = json.dumps(result, indent=1)
     print(text, flush=True)

@@ -200,18 +200,15 @@ def bidirectional_fd(args, out: Path, samples: int, steps: int) -> dict:
         if "student_4" not in report or "fd" not in report["student_4"]:
             raise SystemExit(f"{args.bidirectional_json} has no student_4.fd: give a tools/bench_quality.py JSON")
         return {"fd": float(report["student_4"]["fd"]), "source": str(args.bidirectional_json)}
-    bench_quality = _bidirectional_bench()
     from megadistill.config import load_config
     from megadistill.eval.quality import SamplingSpec, build_adapter, load_role_model, quality_report, world_of
+    from megadistill.train.quality_report import student_step_list, student_weights
 
     cfg = load_config(args.dmd2_config, args.set_dmd2)
     ckpt = train(args.dmd2_config, args.set_dmd2, out / "dmd2", steps, args.threads, "bidirectional DMD2")
-    weights = ckpt / "ema_student.safetensors"
-    if not weights.is_file():
-        weights = ckpt / "student.safetensors"
-    student = load_role_model(cfg, "student", weights)
+    student = load_role_model(cfg, "student", student_weights(ckpt))
     adapter = build_adapter(cfg, {"student": student})
-    spec = SamplingSpec("student_4", student, bench_quality.student_step_list(cfg, adapter.noise_scheduler), "sde")
+    spec = SamplingSpec("student_4", student, student_step_list(cfg, adapter.noise_scheduler), "sde")
     report, _ = quality_report([spec], adapter, world_of(cfg), samples, args.seed, args.batch_size)
     return {"fd": report["student_4"]["fd"], "source": f"{args.dmd2_config}, {steps} steps (this run)",
             "adherence": report["student_4"]["adherence"], "temporal_error": report["student_4"]["temporal_error"]}

@@ -5,13 +5,12 @@
     python tools/train_tiny_teacher.py --checkpoint DIR     # export + evaluate a finished stage 2
 
 The teacher is trained with the ``finetune`` method (flow matching with CFG dropout on the
-synthetic blob world) through ``launch/pretrain_dmd.py``, the launcher of every run, in two
-stages (see docs/QUALITY.md for why):
-
-1. ``configs/tiny_teacher_finetune.yaml`` with ``STAGE1_OVERRIDES``: 1750 steps from a random
-   init at text length 32 (which cuts the end off the longest two-blob captions);
-2. the same config as written (text length 40, long enough for every caption), initialised from
-   stage 1's EMA weights, for ``training.max_steps`` steps.
+synthetic blob world) through ``launch/pretrain_dmd.py``, the launcher of every run, in the stages
+of ``STAGES`` (see docs/QUALITY.md for why), each initialised from the EMA weights of the one
+before: ``configs/tiny_teacher_finetune.yaml`` with the stage's overrides. Stages 1-3 ran on the
+first version of the world (``FIRST_WORLD``: slower blobs over a stronger background), where the
+model learnt colours but never the direction words; stage 4 runs on the current world, where it
+learnt them. ``--max_steps`` sets the last stage's length.
 
 Then the EMA weights of stage 2's last checkpoint are exported in Wan's native format
 (``diffusion_pytorch_model.safetensors`` + ``config.json``) to ``--export``, and the exported
@@ -32,15 +31,24 @@ import torch
 
 DEFAULT_CONFIG = "configs/tiny_teacher_finetune.yaml"
 DEFAULT_EXPORT = "configs/weights/tiny_teacher"
-STAGE1_OVERRIDES = ["pipeline_config.text_len=32", "training.max_steps=1750", "training.warmup_steps=100",
-                    "training.ema.start_step=300"]
+# The world's settings before the current defaults (megadistill/data/synthetic.py).
+FIRST_WORLD = ["data.world.travel_range=[0.5,0.9]", "data.world.margin=1.0", "data.world.background_std=1.0"]
+# (name, steps, overrides of the config). Stage 1's text length 32 cut the end off the longest
+# two-blob captions, hence the config's 40 from stage 2 on.
+STAGES = [
+    ("stage1", 1750, ["pipeline_config.text_len=32", "training.warmup_steps=100", "training.ema.start_step=300"]
+     + FIRST_WORLD),
+    ("stage2", 2000, FIRST_WORLD),
+    ("stage3", 4000, ["training.ema.start_step=0"] + FIRST_WORLD),
+    ("stage4", 24000, ["training.ema.start_step=0"]),
+]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="finetune run config of the teacher")
     ap.add_argument("--output_dir", default="outputs/tiny_teacher", help="training output folder")
-    ap.add_argument("--max_steps", type=int, default=None, help="overrides stage 2's training.max_steps")
+    ap.add_argument("--max_steps", type=int, default=None, help="length of the last stage (default: STAGES)")
     ap.add_argument("--checkpoint", default=None,
                     help="skip training: export this trainer checkpoint (a step_XXXXXXXX folder)")
     ap.add_argument("--export", default=DEFAULT_EXPORT, help="where the teacher weights are written")
@@ -48,6 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--eval_samples", type=int, default=512, help="clips per set for the quality check")
     ap.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale, standard convention")
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed (captions and noise)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every stage (repeatable)")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the report to this file")
     return ap.parse_args(argv)
 
 
@@ -98,6 +109,7 @@ def check_teacher(cfg, teacher_path: str, num_samples: int, guidance_scale: floa
     """Metrics of the exported teacher and of an untrained model (50-step Euler with CFG)."""
     from megadistill.config import config_from_dict, config_to_dict
     from megadistill.diffusion import sample_timesteps_uniform
+    from megadistill.eval.probes import direction_gain
     from megadistill.eval.quality import (SamplingSpec, build_adapter, load_role_model, quality_report,
                                           world_of)
 
@@ -112,7 +124,10 @@ def check_teacher(cfg, teacher_path: str, num_samples: int, guidance_scale: floa
     steps50 = sample_timesteps_uniform(50, shift=sched.shift, num_train_timesteps=sched.num_train_timesteps)
     specs = [SamplingSpec("teacher_50", teacher, steps50, "ode", guidance_scale, "cfg"),
              SamplingSpec("untrained_50", untrained, steps50, "ode", guidance_scale, "cfg")]
-    report, _ = quality_report(specs, adapter, world_of(teacher_cfg), num_samples, seed)
+    world = world_of(teacher_cfg)
+    report, _ = quality_report(specs, adapter, world, num_samples, seed)
+    # How much the teacher's loss rises when the direction words are flipped: 0 = ignores them.
+    report["teacher_direction_gain"] = {str(k): v for k, v in direction_gain(teacher, adapter, world).items()}
     report["fd_ratio_teacher_vs_untrained"] = report["teacher_50"]["fd"] / report["untrained_50"]["fd"]
     report["passes"] = bool(report["teacher_50"]["adherence"] >= 0.9
                             and report["fd_ratio_teacher_vs_untrained"] <= 0.2)
@@ -121,24 +136,31 @@ def check_teacher(cfg, teacher_path: str, num_samples: int, guidance_scale: floa
 
 def main(argv=None):
     args = parse_args(argv)
+    from megadistill.checkpoint import write_json_atomic
     from megadistill.config import load_config
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     checkpoint = args.checkpoint
     if checkpoint is None:
-        stage1_dir, stage2_dir = os.path.join(args.output_dir, "stage1"), os.path.join(args.output_dir, "stage2")
-        stage1 = train(args.config, stage1_dir, overrides=STAGE1_OVERRIDES)
-        init = os.path.join(args.output_dir, "stage1_teacher")
-        export_teacher(load_config(args.config, STAGE1_OVERRIDES), stage1, init, "fp32",
-                       text_len=cfg.pipeline_config.text_len)
-        checkpoint = train(args.config, stage2_dir, args.max_steps,
-                           overrides=[f"models.student.path={os.path.abspath(init)}"])
+        init = None
+        for i, (name, steps, overrides) in enumerate(STAGES):
+            last = i == len(STAGES) - 1
+            overrides = overrides + args.set + ([f"models.student.path={os.path.abspath(init)}"] if init else [])
+            checkpoint = train(args.config, os.path.join(args.output_dir, name),
+                               args.max_steps if last and args.max_steps else steps, overrides)
+            if not last:  # the next stage starts from this one's EMA weights, at the config's text length
+                init = os.path.join(args.output_dir, f"{name}_teacher")
+                export_teacher(load_config(args.config, overrides), checkpoint, init, "fp32",
+                               text_len=cfg.pipeline_config.text_len)
     export_teacher(cfg, checkpoint, args.export, args.dtype)
     report = check_teacher(cfg, args.export, args.eval_samples, args.guidance_scale, args.seed)
     report["wall_s"] = time.perf_counter() - start
-    print(json.dumps(report, indent=1), flush=True)
+    text = json.dumps(report, indent=1)
+    print(text, flush=True)
+    if args.json:
+        write_json_atomic(args.json, text + "\n")
     return 0 if report["passes"] else 1
 
 

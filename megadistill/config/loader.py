@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, Literal, Optional, Tuple, Union, get_arg
 import yaml
 
 from .errors import ConfigError
-from .schema import (OPTIONAL_ROLES, REQUIRED_ROLES, ROLE_TRAINABLE, ROLES, DataConfig, ModelConfig,
-                     RunConfig)
+from .schema import (OPTIONAL_ROLES, REQUIRED_ROLES, ROLE_TRAINABLE, ROLES, SYNTHETIC_WORLD_KEYS, DataConfig,
+                     ModelConfig, RunConfig)
 from .yaml_io import describe_yaml_error, dump_yaml, load_yaml_text, parse_scalar, write_text_atomic
 
 # Keys that people put in the wrong section, and where they live.
@@ -306,6 +306,16 @@ def _resolve(cfg: RunConfig, ctx: _Context) -> RunConfig:
     _check_training(cfg, ctx)
     _check_pipeline(cfg, ctx)
     data = _resolve_data(cfg.data, ctx)
+    if cfg.logging.quality_samples:
+        if cfg.recipe.method != "dmd2" or data.kind != "synthetic":
+            raise ctx.error("logging.quality_samples", "the quality report measures a dmd2 run on synthetic "
+                            f"data; this run is {cfg.recipe.method} on {data.kind} data, so set 0")
+        if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
+            raise ctx.error("logging.quality_samples", "the report reads the whole student from every data-parallel "
+                            "rank; with tp or pp > 1 each rank holds a slice of it, so set 0 and measure the "
+                            "checkpoint with tools/bench_quality.py")
+        if cfg.logging.quality_samples < 2:
+            raise ctx.error("logging.quality_samples", "FD needs at least 2 clips per set; set 0 or >= 2")
     checkpoint = cfg.checkpoint
     if checkpoint.resume not in (None, "auto"):
         checkpoint = dataclasses.replace(
@@ -388,9 +398,16 @@ def _check_pipeline(cfg: RunConfig, ctx: _Context) -> None:
 
 
 def _resolve_data(data: DataConfig, ctx: _Context) -> DataConfig:
+    if data.world and data.kind != "synthetic":
+        raise ctx.error("data.world", f"only synthetic data has world settings; data.kind is {data.kind}, "
+                                      "so leave data.world out")
     if data.kind == "synthetic":
         if data.path is not None:
             raise ctx.error("data.path", "synthetic data takes no path; expected null (or leave it out)")
+        unknown = sorted(set(data.world) - set(SYNTHETIC_WORLD_KEYS))
+        if unknown:
+            raise ctx.error("data.world", f"unknown setting(s) {unknown}; expected some of "
+                                          f"{list(SYNTHETIC_WORLD_KEYS)}")
         return data
     if data.path is None:
         what = ("a text file with one prompt a line" if data.kind == "prompts"

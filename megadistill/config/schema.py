@@ -31,6 +31,11 @@ DType = Literal["fp32", "bf16", "fp16"]
 LRScheduler = Literal["constant", "cosine", "linear"]
 DataKind = Literal["prompts", "webdataset", "synthetic"]
 PipelineSchedule = Literal["interleaved", "sequential"]
+# Settings of the synthetic blob world (megadistill.data.synthetic.SyntheticVideoWorld) a run may
+# change under ``data.world``; its shape comes from pipeline_config.latent_shape, its seed from
+# training.seed.
+SYNTHETIC_WORLD_KEYS = ("blob_sigma", "amplitude_range", "travel_range", "margin", "background_std",
+                        "background_smoothness", "noise_std")
 
 
 def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **bounds):
@@ -145,6 +150,7 @@ class DataConfig:
     path: Optional[str] = None  # prompts: text file, one prompt a line; webdataset: dir/shard pattern
     num_workers: int = _f(0, ge=0)
     shuffle_buffer: int = _f(0, ge=0)
+    world: Dict[str, Any] = _f(factory=dict)  # synthetic only: SYNTHETIC_WORLD_KEYS overrides
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,9 @@ class LoggingConfig:
     validation_every: int = _f(0, ge=0)          # 0: no validation
     validation_prompts: List[str] = _f(factory=list)
     sample_steps: Optional[int] = _f(None, ge=1)  # null: the method's own step list
+    # dmd2 on synthetic data: after the last step, print the quality report (FD, adherence,
+    # temporal error of teacher 50 / 4 steps and the student; docs/QUALITY.md) on this many clips.
+    quality_samples: int = _f(0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,8 @@ class SyntheticVideoWorld:
     def __init__(self, channels: int = 16, frames: int = 8, height: int = 8, width: int = 8,
                  seed: int = 0, blob_sigma: float = 1.25,
                  amplitude_range: Tuple[float, float] = (4.0, 6.0),
-                 travel_range: Tuple[float, float] = (0.5, 0.9), margin: float = 1.0,
-                 background_std: float = 1.0, background_smoothness: float = 1.5,
+                 travel_range: Tuple[float, float] = (0.85, 1.0), margin: float = 0.5,
+                 background_std: float = 0.25, background_smoothness: float = 1.5,
                  noise_std: float = 0.1):
         if channels <= len(PALETTE):
             raise ValueError(f"channels={channels} must exceed the palette size {len(PALETTE)} "

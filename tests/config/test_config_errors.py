@@ -89,7 +89,16 @@ def _edit(base: str, old: str, new: str) -> str:
     (_edit(GOOD, "{kind: synthetic}", "{kind: prompts, path: /nonexistent/prompts.txt}"), "data.path",
      "does not exist"),
     (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, path: /tmp}"), "data.path", "takes no path"),
+    (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, world: {speed: 2}}"), "data.world", "unknown setting"),
+    (_edit(GOOD, "{kind: synthetic}", "{kind: prompts, path: /tmp, world: {margin: 0.5}}"), "data.world",
+     "only synthetic data"),
     (GOOD + "checkpoint: {resume: /nonexistent/ckpt}\n", "checkpoint.resume", "null, auto or an existing"),
+    # the end-of-run quality report
+    ("recipe: {method: finetune}\nmodels: {student: {preset: tiny}}\ndata: {kind: synthetic}\n"
+     "logging: {quality_samples: 8}\n", "logging.quality_samples", "dmd2 run on synthetic"),
+    (GOOD + "logging: {quality_samples: 1}\n", "logging.quality_samples", "at least 2 clips"),
+    (GOOD + "parallel: {pp: 2}\nlogging: {quality_samples: 8}\n", "logging.quality_samples", "holds a slice"),
+    (GOOD + "parallel: {tp: 2}\nlogging: {quality_samples: 8}\n", "logging.quality_samples", "holds a slice"),
 ])
 def test_bad_config(write_config, yaml_text, key, expected):
     err, text = _error(write_config(yaml_text))

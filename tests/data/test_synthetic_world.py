@@ -90,7 +90,9 @@ def test_latents_have_unit_scale_and_consistent_meta(world):
             torch.testing.assert_close(pos, pos[0] + steps[:, None] * vel, atol=1e-5, rtol=0)
             unit = torch.tensor(DIRECTION_VECTORS[direction], dtype=torch.float32)
             speed = float(vel @ unit)
-            assert 0.3 < speed < 0.7 and torch.allclose(vel, speed * unit)
+            usable = 8 - 1 - 2 * world.margin
+            lo_speed, hi_speed = (u * usable / 7 for u in world.travel_range)
+            assert lo_speed - 1e-5 <= speed <= hi_speed + 1e-5 and torch.allclose(vel, speed * unit)
             # Centres stay `margin` inside the frame for the whole clip.
             assert float(pos.min()) >= world.margin - 1e-5 and float(pos.max()) <= 7 - world.margin + 1e-5
             lo, hi = world.amplitude_range
@@ -131,7 +133,7 @@ def test_world_rejects_bad_settings():
     with pytest.raises(ValueError, match="frames"):
         SyntheticVideoWorld(frames=1)
     with pytest.raises(ValueError, match="margin"):
-        SyntheticVideoWorld(height=3, width=3)
+        SyntheticVideoWorld(height=3, width=3, margin=1.0)
     with pytest.raises(ValueError, match="travel_range"):
         SyntheticVideoWorld(travel_range=(0.5, 1.5))
 
@@ -183,3 +185,28 @@ def test_stream_rejects_foreign_state(world):
         stream.load_state_dict({k: v for k, v in state.items() if k != "batch_size"})
     with pytest.raises(ValueError, match="rank"):
         SyntheticLatentStream(world, batch_size=3, seed=5, rank=2, world_size=2)
+
+
+def test_run_config_world_settings_reach_the_stream_world(tmp_path):
+    """``data.world`` in a run config sets the world the trainer and the evaluation sample from,
+    and every settable key is a constructor argument of the world."""
+    import inspect
+
+    from megadistill.config import load_config
+    from megadistill.config.schema import SYNTHETIC_WORLD_KEYS
+    from megadistill.models.registry import get_family
+
+    assert set(SYNTHETIC_WORLD_KEYS) <= set(inspect.signature(SyntheticVideoWorld).parameters)
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: {method: finetune}\nmodels: {student: {preset: tiny}}\n"
+                    "pipeline_config: {latent_shape: [16, 6, 8, 8]}\n"
+                    "data: {kind: synthetic, world: {travel_range: [0.6, 0.7], margin: 1.0, background_std: 0.5}}\n")
+    cfg = load_config(str(path))
+    world = get_family("wan").build_synthetic_stream(cfg, rank=0, world_size=1).world
+    assert (world.travel_range, world.margin, world.background_std) == ((0.6, 0.7), 1.0, 0.5)
+    assert world.latent_shape == (16, 6, 8, 8)
+    _, _, meta = world.sample(64, torch.Generator().manual_seed(0))
+    speed = meta["velocities"].norm(dim=-1)
+    speed = speed[~speed.isnan()]
+    # travel 0.6-0.7 of the usable 5 px (8 - 1 - 2 * 1.0) over 5 frame steps
+    assert float(speed.min()) >= 0.6 - 1e-5 and float(speed.max()) <= 0.7 + 1e-5

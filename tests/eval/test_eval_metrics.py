@@ -114,12 +114,14 @@ def test_swapped_colours_keep_fd_but_lose_adherence(world, real, floor):
 
 def test_fd_noise_floor_is_far_below_wrong_colours(world, real, floor):
     assert 1.0 < floor < 10.0  # documented: ~5 at 512 clips
-    tilted = tilt_colours(world, real[0]["latents"], 30)
+    # 65 degrees: each blob keeps cos(65) = 0.42 of its amplitude on its palette colour, so about
+    # half fall under the presence threshold.
+    tilted = tilt_colours(world, real[0]["latents"], 65)
     fd_tilted = frechet_distance(real[1]["feats"], feature_extractor(world)(tilted))
     assert fd_tilted > 10 * floor
     assert prompt_adherence(tilted, real[0]["captions"], world) < 0.8
     other_world = SyntheticVideoWorld(seed=1).sample(N, gen(5))[0]
-    assert frechet_distance(real[1]["feats"], feature_extractor(world)(other_world)) > 30 * floor
+    assert frechet_distance(real[1]["feats"], feature_extractor(world)(other_world)) > 20 * floor
 
 
 def test_noise_floor_fd_is_deterministic_and_falls_with_size(world):

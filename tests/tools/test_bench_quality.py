@@ -9,6 +9,7 @@ from megadistill.config import load_config
 from megadistill.data.synthetic import SyntheticVideoWorld
 from megadistill.diffusion import FlowMatchScheduler, sample_timesteps_uniform
 from megadistill.eval.quality import build_adapter, eval_set, generate, load_role_model
+from megadistill.train.quality_report import quality_bar, student_step_list
 
 from _tool_loader import ROOT, load_tool
 
@@ -42,20 +43,18 @@ def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
 
 
 def test_student_step_list_is_the_methods():
-    bench = load_tool("bench_quality")
     cfg = load_config(CONFIG)
-    steps = bench.student_step_list(cfg, FlowMatchScheduler(1000, 5.0))
+    steps = student_step_list(cfg, FlowMatchScheduler(1000, 5.0))
     # [1000, 750, 500, 250] warped onto the shift-5 grid (DESIGN.md).
     assert torch.allclose(steps, torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64))
 
 
 def test_quality_bar_conditions():
-    bench = load_tool("bench_quality")
     m = lambda fd, adh: {"fd": fd, "adherence": adh, "temporal_error": 0.1}  # noqa: E731
     good = {"teacher_50": m(10.0, 0.95), "teacher_4": m(100.0, 0.5), "student_4": m(10.5, 0.94)}
-    assert all(bench.quality_bar(good).values())
+    assert all(quality_bar(good).values())
     bad = {"teacher_50": m(10.0, 0.95), "teacher_4": m(30.0, 0.5), "student_4": m(11.5, 0.90)}
-    assert not any(bench.quality_bar(bad).values())
+    assert not any(quality_bar(bad).values())
 
 
 def test_generate_does_not_depend_on_batching(monkeypatch):
@@ -74,3 +73,20 @@ def test_generate_does_not_depend_on_batching(monkeypatch):
     assert not torch.allclose(a, c)
     with pytest.raises(ValueError, match="sampler"):
         generate(model, adapter, captions, ts, "euler", world.latent_shape, seed=1)
+
+
+def test_launcher_prints_the_quality_report_at_the_end(tmp_path, monkeypatch, capsys):
+    """logging.quality_samples: the DMD2 run itself ends with the report (the README's main job)."""
+    monkeypatch.chdir(ROOT)
+    from launch.pretrain_dmd import main as launch_main
+
+    out = tmp_path / "run"
+    rc = launch_main(["--config", str(CONFIG), "--output_dir", str(out), "--max_steps", "2",
+                      "--set", "training.micro_batch_size=2", "--set", "logging.quality_samples=4"])
+    assert rc == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert set(report) == KEYS
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quality report (")]
+    assert len(printed) == 1 and json.loads(printed[0].split(": ", 1)[1]) == report
+    assert report["real"]["adherence"] == 1.0
+    assert all(math.isfinite(report[row]["fd"]) for row in ("teacher_50", "teacher_4", "student_4"))

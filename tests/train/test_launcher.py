@@ -1,6 +1,7 @@
 """The real entry point under the deepspeed launcher, 2 CPU ranks (gloo) with ZeRO-3:
 kill one rank mid-checkpoint and resume exactly; two simulated nodes equal one node."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -27,6 +28,9 @@ def write_config(path, output_dir):
     d["training"]["ema"] = {"decay": 0.9, "start_step": 2}  # a partitioned EMA under ZeRO-3
     d["training"]["micro_batch_size"] = 1
     d["logging"]["tensorboard"] = False
+    # The end-of-run report gathers the partitioned EMA student; it measures synthetic-world runs.
+    d["data"] = {"kind": "synthetic"}
+    d["logging"]["quality_samples"] = 4
     path.write_text(yaml.safe_dump(d))
     return path
 
@@ -61,9 +65,14 @@ def reference(tmp_path_factory):
 
 
 def test_two_ranks_zero3_runs_and_checkpoints(reference):
-    _, ref = reference
+    cfg, ref = reference
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
     assert all(v["critic_loss"] > 0 for v in ref.values())
+    # The quality report ran once (rank 0) on the student gathered from both ranks.
+    report = json.loads((cfg.parent / "out" / "quality.json").read_text())
+    assert {"real", "teacher_50", "teacher_4", "student_4", "noise_floor_fd", "wall_s"} == set(report)
+    assert report["real"]["adherence"] == 1.0
+    assert all(map(math.isfinite, report["student_4"].values()))
 
 
 def test_kill_one_rank_mid_checkpoint_then_resume_exactly(reference, tmp_path):

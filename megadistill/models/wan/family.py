@@ -234,6 +234,7 @@ def build_synthetic_stream(run_cfg, rank: int, world_size: int):
     from megadistill.data.synthetic import SyntheticLatentStream, SyntheticVideoWorld
 
     c, f, h, w = run_cfg.pipeline_config.latent_shape
-    world = SyntheticVideoWorld(channels=c, frames=f, height=h, width=w, seed=run_cfg.training.seed)
+    world = SyntheticVideoWorld(channels=c, frames=f, height=h, width=w, seed=run_cfg.training.seed,
+                                **run_cfg.data.world)
     return SyntheticLatentStream(world, run_cfg.training.micro_batch_size, seed=run_cfg.training.seed,
                                  rank=rank, world_size=world_size)
