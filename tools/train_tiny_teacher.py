@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Reproduce the shipped tiny teacher (configs/weights/tiny_teacher) and check its quality.
 
-    python tools/train_tiny_teacher.py                      # both stages, export, evaluate
-    python tools/train_tiny_teacher.py --checkpoint DIR     # export + evaluate a finished stage 2
+    python tools/train_tiny_teacher.py                      # every stage, export, evaluate
+    python tools/train_tiny_teacher.py --checkpoint DIR     # export + evaluate a finished last stage
 
 The teacher is trained with the ``finetune`` method (flow matching with CFG dropout on the
 synthetic blob world) through ``launch/pretrain_dmd.py``, the launcher of every run, in the stages
@@ -12,7 +12,7 @@ first version of the world (``FIRST_WORLD``: slower blobs over a stronger backgr
 model learnt colours but never the direction words; stage 4 runs on the current world, where it
 learnt them. ``--max_steps`` sets the last stage's length.
 
-Then the EMA weights of stage 2's last checkpoint are exported in Wan's native format
+Then the EMA weights of the last stage's checkpoint are exported in Wan's native format
 (``diffusion_pytorch_model.safetensors`` + ``config.json``) to ``--export``, and the exported
 teacher (50-step Euler ODE with CFG) and a randomly initialised model of the same shape are
 sampled on the same captions and noise. The teacher passes when its prompt adherence is >= 0.9
