@@ -87,14 +87,12 @@ def export_teacher(cfg, checkpoint: Path, dst: str, dtype: str, text_len=None) -
     model pads to, default the run's. No weight depends on it)."""
     from megadistill.eval.quality import load_role_model
     from megadistill.models.wan.dit import WanDiT
+    from megadistill.train.quality_report import student_weights
 
-    checkpoint = Path(checkpoint)
-    weights = checkpoint / "ema_student.safetensors"
-    if not weights.is_file():
-        weights = checkpoint / "student.safetensors"
-    if not weights.is_file():
-        raise SystemExit(f"{checkpoint} holds no student weights (student.safetensors); "
-                         "pass a step_XXXXXXXX folder of a finetune run")
+    try:
+        weights = student_weights(checkpoint)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     model = load_role_model(cfg, "student", weights)
     if text_len is not None and text_len != model.config.text_len:
         resized = WanDiT(model.config.replace(text_len=text_len))

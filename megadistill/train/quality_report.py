@@ -35,7 +35,7 @@ def student_weights(checkpoint) -> Path:
         if (checkpoint / name).is_file():
             return checkpoint / name
     raise FileNotFoundError(f"{checkpoint} holds no student weights (student.safetensors); "
-                            "pass a step_XXXXXXXX folder of a DMD2 run")
+                            "pass a step_XXXXXXXX folder of a training run")
 
 
 @torch.no_grad()
