@@ -362,10 +362,30 @@ def _resolve_models(cfg: RunConfig, ctx: _Context) -> Dict[str, ModelConfig]:
         if trainable and not m.zero3_partition:
             raise ctx.error(f"{key}.zero3_partition", f"the {role} is trained, and a ZeRO-3 engine "
                                                       "partitions what it trains; expected true")
+        if m.realism_head and role != "critic":
+            raise ctx.error(f"{key}.realism_head", f"only the critic carries DMD2's realism classifier; "
+                                                   f"remove it from the {role}")
+        if m.realism_head and (m.causal or cfg.parallel.tp > 1 or cfg.parallel.sp > 1 or cfg.parallel.pp > 1):
+            raise ctx.error(f"{key}.realism_head", "the realism head is implemented for a bidirectional critic "
+                                                   "with parallel.tp, sp and pp 1 (data parallel and ZeRO work)")
         out[role] = dataclasses.replace(m, family=family, trainable=trainable, path=path)
+    if method == "dmd2" and "critic" in out:
+        _check_realism_head(cfg, out["critic"], ctx)
     if method == "self_forcing" and not out["student"].causal:
         raise ctx.error("models.student.causal", "self_forcing trains a block-causal student; expected true")
     return out
+
+
+def _check_realism_head(cfg: RunConfig, critic, ctx: _Context) -> None:
+    """dmd2's GAN term (gan_critic_weight > 0) and the critic's realism head go together."""
+    weight = cfg.method_config.get("gan_critic_weight", 0) if isinstance(cfg.method_config, dict) else 0
+    gan = isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0
+    if gan and not critic.realism_head:
+        raise ctx.error("models.critic.realism_head", "method_config.gan_critic_weight > 0 trains the critic's "
+                                                      "realism classifier; set models.critic.realism_head: true")
+    if critic.realism_head and not gan:
+        raise ctx.error("models.critic.realism_head", "is set but method_config.gan_critic_weight is 0, so the "
+                                                      "classifier would never train; set both or neither")
 
 
 def _check_training(cfg: RunConfig, ctx: _Context) -> None:

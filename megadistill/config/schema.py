@@ -62,6 +62,10 @@ class ModelConfig:
     # (default). A frozen role may set false to stay whole on every GPU: more memory, but no
     # all-gather of its weights at every forward.
     zero3_partition: bool = True
+    # Critic only: add DMD2's realism classifier on its last hidden states (the GAN term of dmd2,
+    # method_config.gan_generator_weight / gan_critic_weight). Its weights live in the critic's
+    # training state only; they are not part of the model's checkpoint format.
+    realism_head: bool = False
 
 
 @dataclass(frozen=True)

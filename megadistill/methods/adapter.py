@@ -63,6 +63,12 @@ class Adapter(Protocol):
         """``x_t - sigma * predict_flow(...)``, in ``x_t``'s dtype."""
         ...
 
+    def predict_flow_and_realism(self, handle: RoleHandle, x_t: torch.Tensor, t: torch.Tensor,
+                                 cond: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(predict_flow(...), logits [B])`` from one forward: the flow and the network's realism
+        classifier logits (DMD2's GAN discriminator; only networks built with one have it)."""
+        ...
+
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) x0 + sigma eps`` with ``sigma = t / T``."""
         ...

@@ -19,6 +19,17 @@ One training step (``train_step(batch, step)``):
 2. Critic update, every step: a fresh rollout without grad gives ``x``; a timestep is drawn as
    above; ``x_t = add_noise(x, eps, t)``; loss ``mean((critic_v(x_t) - (eps - x))^2)``.
 
+GAN term (DMD2 sec. 4.3, off by default): the critic carries a realism classifier ``D`` on its
+last hidden states (``models.critic.realism_head: true``) that sees noisy clips, a "diffusion
+GAN". With ``gan_generator_weight`` w_g > 0 the generator loss adds
+``w_g * mean(softplus(-D(x_t)))`` on its noisy sample ``x_t`` above (the same critic forward that
+gives ``fake``; its gradient reaches the student through the critic's input while the critic's own
+weights take none). With ``gan_critic_weight`` w_c > 0 the critic loss adds
+``w_c * (mean(softplus(D(x_t))) + mean(softplus(-D(y_s))))`` with ``y_s = add_noise(y, eps', s)``
+the batch's real latents ``y`` at a freshly drawn timestep ``s``: the method then trains on data
+latents (the rollout still starts from noise). DMD2 uses w_g = 3e-3 (ImageNet) to 5e-3 (SDXL) and
+w_c = 1e-2.
+
 Rollout (``rollout_mode``) over the step list ``t_0 > t_1 > ... > t_{n-1}``
 (``denoising_steps``, optionally warped onto the shifted grid):
   * ``simulate`` (data-free): ``x = eps`` taken as the sample at ``t_0``; for ``j < exit``
@@ -76,6 +87,8 @@ class DMD2Config:
     max_timestep: float = 980
     timestep_shift: Optional[float] = None
     flow_shift: Optional[float] = None
+    gan_generator_weight: float = 0.0
+    gan_critic_weight: float = 0.0
 
     def __post_init__(self):
         steps = self.denoising_steps
@@ -93,6 +106,11 @@ class DMD2Config:
         if self.min_timestep > self.max_timestep:
             raise config_error(METHOD, "min_timestep", f"{self.min_timestep} is larger than "
                                f"max_timestep {self.max_timestep}")
+        require_number(METHOD, "gan_generator_weight", self.gan_generator_weight, 0)
+        require_number(METHOD, "gan_critic_weight", self.gan_critic_weight, 0)
+        if self.gan_generator_weight > 0 and self.gan_critic_weight == 0:
+            raise config_error(METHOD, "gan_generator_weight", "needs gan_critic_weight > 0: without it the "
+                               "realism classifier is never trained (DMD2 uses 1e-2)")
         if self.timestep_shift is not None:
             require_number(METHOD, "timestep_shift", self.timestep_shift, positive=True)
         if self.flow_shift is not None:
@@ -114,6 +132,11 @@ class DMD2Config:
                                f"guidance_scale={self.guidance_scale} needs an explicit convention: "
                                "'cfg' (uncond + s*(cond - uncond), Wan/diffusers) or 'dmd' "
                                "(cond + g*(cond - uncond), Self-Forcing; g = s - 1)")
+
+    @property
+    def uses_gan(self) -> bool:
+        """Whether the critic's realism classifier is trained (and so real latents are needed)."""
+        return self.gan_critic_weight > 0
 
     @property
     def uses_uncond(self) -> bool:
@@ -176,7 +199,7 @@ class DMD2Method(TrainingMethod):
     # -- schedule ---------------------------------------------------------------------------------
     @property
     def latents_source(self) -> str:
-        return "zeros" if self.config.rollout_mode == "simulate" else "data"
+        return "zeros" if self.config.rollout_mode == "simulate" and not self.config.uses_gan else "data"
 
     def is_generator_step(self, step: int) -> bool:
         return step % self.config.generator_update_interval == 0
@@ -236,22 +259,54 @@ class DMD2Method(TrainingMethod):
     def generator_loss(self, batch: PreparedBatch, uncond: Any,
                        exit_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         x = self.rollout(batch, exit_index, with_grad=True)
+        critic, ad = self.bundle["critic"], self.adapter
+        w_gan = float(self.config.gan_generator_weight)
         with torch.no_grad():
             t = self.sample_timesteps(x.shape[0], x.device)
-            x_t = self.adapter.add_noise(x, torch.randn_like(x), t)
-            real = self.real_x0(x_t, t, batch.cond, uncond)
-            fake = self.adapter.predict_x0(self.bundle["critic"], x_t, t, batch.cond)
-            grad = dmd_gradient(x, real, fake)
+            eps = torch.randn_like(x)
+        with torch.set_grad_enabled(w_gan > 0):  # the GAN term backpropagates through x_t
+            x_t = ad.add_noise(x, eps, t)
+        with torch.no_grad():
+            real = self.real_x0(x_t.detach(), t, batch.cond, uncond)
+        if w_gan > 0:  # one critic forward gives the fake score and the realism logits of x_t
+            with critic.frozen():
+                v, logits = ad.predict_flow_and_realism(critic, x_t, t, batch.cond)
+            fake = ad.noise_scheduler.x0_from_flow(x_t.detach(), v.detach(), t)
+        else:
+            with torch.no_grad():
+                fake = ad.predict_x0(critic, x_t, t, batch.cond)
+        with torch.no_grad():
+            grad = dmd_gradient(x.detach(), real, fake)
         loss = dmd_loss(x, grad)
-        return loss, {"dmd_grad_mean_abs": grad.abs().mean().item(), "dmd_timestep_mean": t.mean().item()}
+        logs = {"dmd_grad_mean_abs": grad.abs().mean().item(), "dmd_timestep_mean": t.mean().item()}
+        if w_gan > 0:
+            gan = F.softplus(-logits).mean()
+            loss = loss + w_gan * gan
+            logs.update(gan_generator_loss=gan.item(), realism_fake_prob=torch.sigmoid(logits).mean().item())
+        return loss, logs
 
     def critic_loss(self, batch: PreparedBatch, exit_index: int) -> torch.Tensor:
+        """The critic's loss; with the GAN term also its logs (``critic_loss_and_logs``)."""
+        return self.critic_loss_and_logs(batch, exit_index)[0]
+
+    def critic_loss_and_logs(self, batch: PreparedBatch, exit_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        critic, ad = self.bundle["critic"], self.adapter
         with torch.no_grad():
             x = self.rollout(batch, exit_index, with_grad=False)
         t = self.sample_timesteps(x.shape[0], x.device)
         eps = torch.randn_like(x)
-        v = self.adapter.predict_flow(self.bundle["critic"], self.adapter.add_noise(x, eps, t), t, batch.cond)
-        return flow_matching_loss(v, x, eps)
+        x_t = ad.add_noise(x, eps, t)
+        if not self.config.uses_gan:
+            return flow_matching_loss(ad.predict_flow(critic, x_t, t, batch.cond), x, eps), {}
+        v, fake_logits = ad.predict_flow_and_realism(critic, x_t, t, batch.cond)
+        loss = flow_matching_loss(v, x, eps)
+        s = self.sample_timesteps(x.shape[0], x.device)
+        y_s = ad.add_noise(batch.latents, torch.randn_like(batch.latents), s)
+        _, real_logits = ad.predict_flow_and_realism(critic, y_s, s, batch.cond)
+        gan = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        logs = {"critic_flow_loss": loss.item(), "gan_critic_loss": gan.item(),
+                "realism_real_prob": torch.sigmoid(real_logits).mean().item()}
+        return loss + float(self.config.gan_critic_weight) * gan, logs
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, batch: Mapping[str, Any], step: int) -> Dict[str, float]:
@@ -266,10 +321,10 @@ class DMD2Method(TrainingMethod):
             _log_norm(logs, "generator_grad_norm", student.step(step))
             logs.update(generator_loss=loss.item(), **self.plan_logs(plan), **extra)
         critic = self.bundle["critic"]
-        loss = self.critic_loss(prepared, self.rollout_plan(step, CRITIC_PHASE))
+        loss, extra = self.critic_loss_and_logs(prepared, self.rollout_plan(step, CRITIC_PHASE))
         self.adapter.backward(critic, loss)
         _log_norm(logs, "critic_grad_norm", critic.step(step))
-        logs["critic_loss"] = loss.item()
+        logs.update(critic_loss=loss.item(), **extra)
         return logs
 
     # -- op graph ---------------------------------------------------------------------------------
@@ -296,9 +351,14 @@ class DMD2Method(TrainingMethod):
         (forward_nograd, deps: the exit step), then ``student.backward``.
         Critic phase: the rollout all forward_nograd, ``critic.denoise`` (forward) and
         ``critic.backward``. The exit indices are those ``train_step`` draws at ``step``.
+        The GAN term has no graph: its generator loss backpropagates through the critic into the
+        student, which an op graph (one backward per forward of the same role) does not express.
         """
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        if self.config.uses_gan:
+            raise NotImplementedError("dmd2 with its GAN term has no op graph (and no pipeline program); "
+                                      "run it with parallel.pp 1")
         phases: List[OpGraph] = []
         if self.is_generator_step(step):
             exit_index = self.exit_index(step, GENERATOR_PHASE)

@@ -17,6 +17,7 @@ module's parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional
@@ -138,6 +139,20 @@ class RoleHandle:
     def __call__(self, *args, **kwargs):
         net = self.engine if self.engine is not None else self.module
         return net(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Inside the block this role's parameters require no gradient, so a loss of ANOTHER role
+        can backpropagate through this network to its input without leaving gradients in it (they
+        would be added to this role's next update)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.module.parameters()

@@ -109,6 +109,9 @@ class SelfForcingMethod(DMD2Method):
         except ConfigError as e:
             raise config_error(METHOD, (e.key or "").removeprefix("method_config."), e.problem) from None
         self.config = config
+        if config.gan_generator_weight or config.gan_critic_weight:
+            raise config_error(METHOD, "gan_critic_weight", "self_forcing is data-free and its GAN term is not "
+                               "implemented; set gan_generator_weight and gan_critic_weight to 0")
         for op in ("frames_per_block", "new_cache", "predict_flow_block", "predict_x0_block"):
             if not callable(getattr(adapter, op, None)):
                 raise TypeError(f"self_forcing needs a CausalAdapter; {type(adapter).__name__} has no {op}()")

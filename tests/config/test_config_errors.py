@@ -79,6 +79,15 @@ def _edit(base: str, old: str, new: str) -> str:
     (_edit(GOOD, "dmd2", "self_forcing"), "models.student.causal", "expected true"),
     (_edit(GOOD, "student: {preset: tiny}", "student: {preset: tiny, causal: true}")
      + "pipeline_config: {latent_shape: [16, 7, 4, 4]}\n", "pipeline_config.num_frame_per_block", "whole blocks"),
+    # dmd2's GAN term and the critic's realism head go together
+    (GOOD + "method_config: {gan_critic_weight: 0.01}\n", "models.critic.realism_head", "set models.critic"),
+    (_edit(GOOD, "critic: {preset: tiny}", "critic: {preset: tiny, realism_head: true}"),
+     "models.critic.realism_head", "set both or neither"),
+    (_edit(GOOD, "student: {preset: tiny}", "student: {preset: tiny, realism_head: true}"),
+     "models.student.realism_head", "only the critic"),
+    (_edit(GOOD, "critic: {preset: tiny}", "critic: {preset: tiny, realism_head: true}")
+     + "method_config: {gan_critic_weight: 0.01}\nparallel: {sp: 2}\n", "models.critic.realism_head",
+     "tp, sp and pp 1"),
     (GOOD + "training: {optim: {teacher: {lr: 1e-5}}}\n", "training.optim.teacher", "no trainable role"),
     (GOOD + "training: {optim: {critic: {gradclip: 1}}}\n", "training.optim.critic.gradclip",
      "did you mean 'grad_clip'"),

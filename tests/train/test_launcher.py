@@ -1,4 +1,4 @@
-"""The real entry point under the deepspeed launcher, 2 CPU ranks (gloo) with ZeRO-3:
+"""The real entry point under the deepspeed launcher, 2 CPU ranks (gloo) with ZeRO-3 (DMD2 with its GAN term):
 kill one rank mid-checkpoint and resume exactly; two simulated nodes equal one node."""
 import json
 import math
@@ -31,6 +31,9 @@ def write_config(path, output_dir):
     # The end-of-run report gathers the partitioned EMA student; it measures synthetic-world runs.
     d["data"] = {"kind": "synthetic"}
     d["logging"]["quality_samples"] = 4
+    # DMD2's GAN term: its realism head is trained (and checkpointed) in the partitioned critic.
+    d["models"]["critic"]["realism_head"] = True
+    d["method_config"].update(gan_generator_weight=0.003, gan_critic_weight=0.01)
     path.write_text(yaml.safe_dump(d))
     return path
 
@@ -68,6 +71,8 @@ def test_two_ranks_zero3_runs_and_checkpoints(reference):
     cfg, ref = reference
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
     assert all(v["critic_loss"] > 0 for v in ref.values())
+    assert all(v["gan_critic_loss"] > 0 for v in ref.values())
+    assert sum("gan_generator_loss" in v for v in ref.values()) == 3  # generator steps 0, 2, 4
     # The quality report ran once (rank 0) on the student gathered from both ranks.
     report = json.loads((cfg.parent / "out" / "quality.json").read_text())
     assert {"real", "teacher_50", "teacher_4", "student_4", "noise_floor_fd", "wall_s"} == set(report)

@@ -85,6 +85,13 @@ class WanAdapter:
     def predict_x0(self, handle, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]):
         return self.noise_scheduler.x0_from_flow(x_t, self.predict_flow(handle, x_t, t, cond), t)
 
+    def predict_flow_and_realism(self, handle, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]):
+        v, logits = handle(x_t, t, cond["text_states"], return_realism=True)
+        if v.shape != x_t.shape or logits.shape != x_t.shape[:1]:
+            raise ValueError(f"Wan DiT returned shapes {tuple(v.shape)}, {tuple(logits.shape)} for latents "
+                             f"{tuple(x_t.shape)}")
+        return v.to(x_t.dtype), logits
+
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.noise_scheduler.add_noise(x0, eps, t)
 

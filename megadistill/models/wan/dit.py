@@ -221,6 +221,23 @@ class WanHead(nn.Module):
         return self.head(adaln_modulate(x, shift, scale, self.norm.eps))
 
 
+class WanRealismHead(nn.Module):
+    """DMD2's realism classifier, on a DiT's last hidden states (the input of :class:`WanHead`):
+    per token ``w2 . silu(W1 layernorm(x) + b1) + b2``, averaged over the tokens: one logit per
+    sample, high for "real". Not part of Wan: a critic built for DMD2's GAN term carries it."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = WanLayerNorm(dim, eps)
+        self.hidden = nn.Linear(dim, dim)
+        self.logit = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        """x ``[B, S, C]`` -> logits ``[B]`` (float32)."""
+        h = F.silu(self.hidden(self.norm(x)))
+        return self.logit(h).squeeze(-1).float().mean(dim=1)
+
+
 # --- the model ------------------------------------------------------------------------------------
 
 class WanDiT(nn.Module):
@@ -240,7 +257,19 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
+        self.realism_head = None  # see add_realism_head
         self.activation_checkpointing = False
+
+    def add_realism_head(self, seed: int = 0) -> "WanDiT":
+        """Give the model a :class:`WanRealismHead` (deterministically initialised from ``seed``):
+        ``forward(..., return_realism=True)`` then also returns its logits. Its parameters are named
+        ``realism_head.*`` and are not part of Wan's checkpoint format."""
+        head = WanRealismHead(self.config.dim, self.config.eps)
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                p.copy_(init_value(f"realism_head.{name}", p.shape, seed).to(p.dtype))
+        self.realism_head = head.to(self.patch_embedding.weight.device)
+        return self
 
     # -- pieces the parallel and causal variants reuse --
 
@@ -296,7 +325,15 @@ class WanDiT(nn.Module):
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.config.out_dim, f * pt,
                                                          h * ph, w * pw)
 
-    def forward(self, latents, timestep, text_states):
+    def realism(self, x):
+        """Logits ``[B]`` of the realism head on hidden states ``x`` (an error without the head)."""
+        if self.realism_head is None:
+            raise ValueError("this DiT has no realism head: build the role with realism_head: true "
+                             "(models.<role>.realism_head in the run config)")
+        return self.realism_head(x)
+
+    def forward(self, latents, timestep, text_states, return_realism: bool = False):
+        """The flow prediction; with ``return_realism`` the pair ``(flow, realism logits [B])``."""
         grid = self.token_grid(latents)
         x = self.embed_tokens(latents.to(self.patch_embedding.weight.dtype))
         e, e0 = self.embed_time(timestep.to(latents.device) if torch.is_tensor(timestep) else timestep,
@@ -306,7 +343,8 @@ class WanDiT(nn.Module):
         context = self.embed_text(text_states.to(x.dtype))
         rope = rope_cos_sin(self.config, grid, x.device)
         x = self.run_blocks(x, e0, context, rope)
-        return self.unpatchify(self.head(x, e), grid)
+        out = self.unpatchify(self.head(x, e), grid)
+        return (out, self.realism(x)) if return_realism else out
 
     # -- checkpoints --
 

@@ -34,6 +34,10 @@ def build_model(model_cfg, run_cfg, seed: int, zero3_config: dict | None = None,
                               f"{model.config.text_len} ({model_cfg.path})")
     else:
         model = init_weights(cls(_preset_config(model_cfg, text_len), **kwargs), seed=seed).to(dtype)
+    if model_cfg.realism_head:
+        # Added whole after a ZeRO-3 build too: deepspeed.initialize partitions parameters that
+        # zero.Init did not (every rank draws the same values from the seed).
+        model.add_realism_head(seed).realism_head.to(dtype)
     model.activation_checkpointing = run_cfg.parallel.activation_checkpointing
     return model
 
