@@ -286,7 +286,7 @@ class DMD2Method(TrainingMethod):
         return loss, logs
 
     def critic_loss(self, batch: PreparedBatch, exit_index: int) -> torch.Tensor:
-        """The critic's loss; with the GAN term also its logs (``critic_loss_and_logs``)."""
+        """The critic's loss alone (``critic_loss_and_logs`` also returns the GAN term's logs)."""
         return self.critic_loss_and_logs(batch, exit_index)[0]
 
     def critic_loss_and_logs(self, batch: PreparedBatch, exit_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
