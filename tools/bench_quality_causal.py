@@ -13,7 +13,8 @@ tiny teacher, sampled block by block at the training length F and at 2F.
    exports it in Wan native format, then trains it with self-forcing DMD
    (``configs/tiny_self_forcing_quality.yaml``: teacher as real score, critic from the teacher);
    both through ``launch/pretrain_dmd.py``;
-3. samples the student block by block with its KV cache (``megadistill.eval.causal_quality``) at F
+3. samples the self-forcing student (its EMA weights when the config keeps an EMA) block by block
+   with its KV cache (``megadistill.eval.causal_quality``) at F
    (whole prefix) and at 2F (local window ``--window`` frames + ``--sinks`` sink frames), scored
    against the synthetic world of that length;
 4. takes the bidirectional DMD2 student's FD from ``--bidirectional_json`` (a ``bench_quality.py``
@@ -227,6 +228,7 @@ def _bidirectional_bench():
 def run(args) -> dict:
     from megadistill.config import load_config
     from megadistill.eval.causal_quality import causal_bar
+    from megadistill.train.quality_report import student_weights
 
     start = time.perf_counter()
     mode = QUICK if args.quick else FULL
@@ -253,7 +255,7 @@ def run(args) -> dict:
         t = time.perf_counter()
         sf_ckpt = train(args.sf_config, sf_overrides, out / "self_forcing", sf_steps, args.threads, "self-forcing")
         timings["self_forcing_s"] = time.perf_counter() - t
-        rows = measure_causal(args.sf_config, sf_overrides, sf_ckpt / "student.safetensors", samples, args.window,
+        rows = measure_causal(args.sf_config, sf_overrides, student_weights(sf_ckpt), samples, args.window,
                               args.sinks, args.batch_size, args.seed)
         t = time.perf_counter()
         bidir = bidirectional_fd(args, out, samples, dmd2_steps)

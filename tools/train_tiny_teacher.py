@@ -10,7 +10,9 @@ of ``STAGES`` (see docs/QUALITY.md for why), each initialised from the EMA weigh
 before: ``configs/tiny_teacher_finetune.yaml`` with the stage's overrides. Stages 1-3 ran on the
 first version of the world (``FIRST_WORLD``: slower blobs over a stronger background), where the
 model learnt colours but never the direction words; stage 4 runs on the current world, where it
-learnt them. ``--max_steps`` sets the last stage's length.
+learnt them, but often gave each of two blobs the other's direction. Stage 5 re-initialises the text
+path and relearns the captions from the ``tiny-positional`` text encoder, whose outputs carry word
+order; there two-blob captions are bound. ``--max_steps`` sets the last stage's length.
 
 Then the EMA weights of the last stage's checkpoint are exported in Wan's native format
 (``diffusion_pytorch_model.safetensors`` + ``config.json``) to ``--export``, and the exported
@@ -33,15 +35,40 @@ DEFAULT_CONFIG = "configs/tiny_teacher_finetune.yaml"
 DEFAULT_EXPORT = "configs/weights/tiny_teacher"
 # The world's settings before the current defaults (megadistill/data/synthetic.py).
 FIRST_WORLD = ["data.world.travel_range=[0.5,0.9]", "data.world.margin=1.0", "data.world.background_std=1.0"]
-# (name, steps, overrides of the config). Stage 1's text length 32 cut the end off the longest
-# two-blob captions, hence the config's 40 from stage 2 on.
+# The text encoder of stages 1-4; stage 5 switches to the config's "tiny-positional".
+FIRST_ENCODER = ["pipeline_config.text_encoder=tiny"]
+# (name, steps, overrides of the config, seed to re-initialise the text path with or None). Stage 1's
+# text length 32 cut the end off the longest two-blob captions, hence the config's 40 from stage 2
+# on. Stage 5 refills the text embedding and every cross-attention of stage 4's teacher (the rest
+# kept) and relearns the captions from an encoder that leans on word order.
 STAGES = [
     ("stage1", 1750, ["pipeline_config.text_len=32", "training.warmup_steps=100", "training.ema.start_step=300"]
-     + FIRST_WORLD),
-    ("stage2", 2000, FIRST_WORLD),
-    ("stage3", 4000, ["training.ema.start_step=0"] + FIRST_WORLD),
-    ("stage4", 24000, ["training.ema.start_step=0"]),
+     + FIRST_WORLD + FIRST_ENCODER, None),
+    ("stage2", 2000, FIRST_WORLD + FIRST_ENCODER, None),
+    ("stage3", 4000, ["training.ema.start_step=0"] + FIRST_WORLD + FIRST_ENCODER, None),
+    ("stage4", 24000, ["training.ema.start_step=0"] + FIRST_ENCODER, None),
+    ("stage5", 22000, ["training.ema.start_step=0"], 7),
 ]
+
+
+def is_text_path(name: str) -> bool:
+    """Parameters that turn text states into what the video tokens attend to."""
+    return name.startswith("text_embedding.") or ".cross_attn." in name
+
+
+def reinit_text_path(src: str, dst: str, seed: int) -> Path:
+    """Copy the native checkpoint ``src`` to ``dst`` with its text path refilled by the model's
+    seeded initialisation (``init_value(name, shape, seed)``)."""
+    from megadistill.models.wan.dit import WanDiT, init_value
+
+    model = WanDiT.from_pretrained(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_text_path(name):
+                p.copy_(init_value(name, p.shape, seed).to(p.dtype))
+    model.save_pretrained(dst, format="native", overwrite=True)
+    print(f"re-initialised the text path of {src} (seed {seed}) -> {dst}", flush=True)
+    return Path(dst)
 
 
 def parse_args(argv=None):
@@ -143,8 +170,12 @@ def main(argv=None):
     checkpoint = args.checkpoint
     if checkpoint is None:
         init = None
-        for i, (name, steps, overrides) in enumerate(STAGES):
+        for i, (name, steps, overrides, reinit_seed) in enumerate(STAGES):
             last = i == len(STAGES) - 1
+            if reinit_seed is not None:
+                if init is None:
+                    raise SystemExit(f"{name} re-initialises the text path of the stage before; it cannot be first")
+                init = str(reinit_text_path(init, os.path.join(args.output_dir, f"{name}_init"), reinit_seed))
             overrides = overrides + args.set + ([f"models.student.path={os.path.abspath(init)}"] if init else [])
             checkpoint = train(args.config, os.path.join(args.output_dir, name),
                                args.max_steps if last and args.max_steps else steps, overrides)

@@ -143,8 +143,9 @@ class PipelineConfig:
     local_attn_size: int = _f(-1, ge=-1)     # causal attention window in frames; -1 = unlimited
     sink_size: int = _f(0, ge=0)             # attention-sink frames kept by a local window
     # Text encoder turning prompts into text states: a folder (diffusers text_encoder + tokenizer,
-    # or Wan's native files), or "tiny" for the deterministic tiny UMT5 + sentencepiece encoder
-    # the project builds itself (tests, synthetic recipes).
+    # or Wan's native files), or "tiny" / "tiny-positional" (optionally ":SEED") for a deterministic
+    # tiny UMT5 + sentencepiece encoder the project builds itself (tests, synthetic recipes; the
+    # shipped tiny teacher reads "tiny-positional").
     text_encoder: Optional[str] = None
 
 

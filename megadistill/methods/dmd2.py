@@ -28,7 +28,11 @@ weights take none). With ``gan_critic_weight`` w_c > 0 the critic loss adds
 ``w_c * (mean(softplus(D(x_t))) + mean(softplus(-D(y_s))))`` with ``y_s = add_noise(y, eps', s)``
 the batch's real latents ``y`` at a freshly drawn timestep ``s``: the method then trains on data
 latents (the rollout still starts from noise). DMD2 uses w_g = 3e-3 (ImageNet) to 5e-3 (SDXL) and
-w_c = 1e-2.
+w_c = 1e-2. ``gan_max_timestep`` (1000-step scale, off by default) gives the GAN term timesteps of
+its own, uniform in ``[min_t, gan_max_t]`` (no shift), for the generator's noisy sample and for both
+classifier inputs: at high noise a generated clip and a real one look alike, so a classifier that
+only sees the low-noise end looks at what separates them. It costs one more critic forward in each
+phase (the fake score keeps the DMD timesteps).
 
 Rollout (``rollout_mode``) over the step list ``t_0 > t_1 > ... > t_{n-1}``
 (``denoising_steps``, optionally warped onto the shifted grid):
@@ -47,6 +51,7 @@ Guidance: ``guidance_convention`` says what ``guidance_scale`` means -- ``cfg``:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -89,6 +94,7 @@ class DMD2Config:
     flow_shift: Optional[float] = None
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
+    gan_max_timestep: Optional[float] = None
 
     def __post_init__(self):
         steps = self.denoising_steps
@@ -111,6 +117,14 @@ class DMD2Config:
         if self.gan_generator_weight > 0 and self.gan_critic_weight == 0:
             raise config_error(METHOD, "gan_generator_weight", "needs gan_critic_weight > 0: without it the "
                                "realism classifier is never trained (DMD2 uses 1e-2)")
+        if self.gan_max_timestep is not None:
+            require_number(METHOD, "gan_max_timestep", self.gan_max_timestep, 0, 1000)
+            if not self.uses_gan:
+                raise config_error(METHOD, "gan_max_timestep", "sets the GAN term's timesteps, which is off; "
+                                   "set gan_critic_weight > 0 (and models.critic.realism_head: true) or drop it")
+            if self.gan_max_timestep <= self.min_timestep:
+                raise config_error(METHOD, "gan_max_timestep", f"{self.gan_max_timestep} must be larger than "
+                                   f"min_timestep {self.min_timestep}")
         if self.timestep_shift is not None:
             require_number(METHOD, "timestep_shift", self.timestep_shift, positive=True)
         if self.flow_shift is not None:
@@ -194,6 +208,7 @@ class DMD2Method(TrainingMethod):
             raise config_error(METHOD, "denoising_steps", str(err)) from None
         self.min_t = cfg.min_timestep * T / 1000.0
         self.max_t = cfg.max_timestep * T / 1000.0
+        self.gan_max_t = None if cfg.gan_max_timestep is None else cfg.gan_max_timestep * T / 1000.0
         self.seed = int(seed)
 
     # -- schedule ---------------------------------------------------------------------------------
@@ -224,6 +239,17 @@ class DMD2Method(TrainingMethod):
         T = self.adapter.noise_scheduler.num_train_timesteps
         return sample_dmd_timesteps(batch_size, None, shift=self.timestep_shift, min_t=self.min_t,
                                     max_t=self.max_t, low=0, high=T, num_train_timesteps=T, device=device)
+
+    def sample_gan_timesteps(self, batch_size: int, device) -> Optional[torch.Tensor]:
+        """Timesteps ``[B]`` of the GAN term when it has a range of its own (``gan_max_timestep``):
+        integers uniform in ``[ceil(min_t), gan_max_t)``; None otherwise."""
+        if self.gan_max_t is None:
+            return None
+        T = self.adapter.noise_scheduler.num_train_timesteps
+        low = math.ceil(self.min_t)
+        return sample_dmd_timesteps(batch_size, None, shift=1.0, min_t=self.min_t, max_t=self.gan_max_t, low=low,
+                                    high=max(low + 1, math.ceil(self.gan_max_t)), num_train_timesteps=T,
+                                    device=device)
 
     # -- model calls ------------------------------------------------------------------------------
     def _timestep(self, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -268,13 +294,18 @@ class DMD2Method(TrainingMethod):
             x_t = ad.add_noise(x, eps, t)
         with torch.no_grad():
             real = self.real_x0(x_t.detach(), t, batch.cond, uncond)
-        if w_gan > 0:  # one critic forward gives the fake score and the realism logits of x_t
+        t_gan = self.sample_gan_timesteps(x.shape[0], x.device) if w_gan > 0 else None
+        if w_gan > 0 and t_gan is None:  # one critic forward gives the fake score and the realism logits of x_t
             with critic.frozen():
                 v, logits = ad.predict_flow_and_realism(critic, x_t, t, batch.cond)
             fake = ad.noise_scheduler.x0_from_flow(x_t.detach(), v.detach(), t)
         else:
             with torch.no_grad():
                 fake = ad.predict_x0(critic, x_t, t, batch.cond)
+            if w_gan > 0:  # the GAN term sees the sample at its own timesteps
+                with critic.frozen():
+                    _, logits = ad.predict_flow_and_realism(critic, ad.add_noise(x, torch.randn_like(x), t_gan),
+                                                            t_gan, batch.cond)
         with torch.no_grad():
             grad = dmd_gradient(x.detach(), real, fake)
         loss = dmd_loss(x, grad)
@@ -298,9 +329,15 @@ class DMD2Method(TrainingMethod):
         x_t = ad.add_noise(x, eps, t)
         if not self.config.uses_gan:
             return flow_matching_loss(ad.predict_flow(critic, x_t, t, batch.cond), x, eps), {}
-        v, fake_logits = ad.predict_flow_and_realism(critic, x_t, t, batch.cond)
+        s = self.sample_gan_timesteps(x.shape[0], x.device)
+        if s is None:  # the classifier's fake input is the flow-matching input
+            v, fake_logits = ad.predict_flow_and_realism(critic, x_t, t, batch.cond)
+            s = self.sample_timesteps(x.shape[0], x.device)
+        else:
+            v = ad.predict_flow(critic, x_t, t, batch.cond)
+            _, fake_logits = ad.predict_flow_and_realism(critic, ad.add_noise(x, torch.randn_like(x), s), s,
+                                                         batch.cond)
         loss = flow_matching_loss(v, x, eps)
-        s = self.sample_timesteps(x.shape[0], x.device)
         y_s = ad.add_noise(batch.latents, torch.randn_like(batch.latents), s)
         _, real_logits = ad.predict_flow_and_realism(critic, y_s, s, batch.cond)
         gan = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()

@@ -137,3 +137,51 @@ def test_gan_config_errors(config, key):
 def test_gan_has_no_op_graph():
     with pytest.raises(NotImplementedError, match="pp 1"):
         gan_method(GAN).step_graph(0, 2)
+
+
+def record_critic_timesteps(method):
+    """[(timesteps, with_realism)] of every critic forward."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((args[1].detach().clone(), bool(kwargs.get("return_realism"))))
+    method.bundle["critic"].module.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_gan_timestep_range_of_its_own():
+    config = {**GAN, "gan_max_timestep": 250, "max_timestep": 980}
+    method = gan_method(config)
+    t = method.sample_gan_timesteps(4096, "cpu")
+    assert t.min() >= 20 and t.max() <= 250 and t.float().mean() == pytest.approx(134.5, abs=4)
+    assert gan_method(GAN).sample_gan_timesteps(4, "cpu") is None
+
+    plain = gan_method({})
+    plain.bundle["student"].module.load_state_dict(method.bundle["student"].module.state_dict())
+    plain.bundle["critic"].module.load_state_dict(method.bundle["critic"].module.state_dict())
+    batch = method.adapter.prepare_batch(wan_batch(with_latents=True), latents_source="data")
+    uncond = method.adapter.negative_cond(batch)
+    calls = record_critic_timesteps(method)
+    torch.manual_seed(5)
+    _, logs = method.generator_loss(batch, uncond, exit_index=1)
+    torch.manual_seed(5)
+    _, logs_plain = plain.generator_loss(batch, uncond, exit_index=1)
+    # the fake score keeps the DMD timesteps (the same DMD gradient); the classifier sees its own
+    assert logs["dmd_grad_mean_abs"] == pytest.approx(logs_plain["dmd_grad_mean_abs"], rel=1e-6)
+    assert [realism for _, realism in calls] == [False, True]
+    assert calls[1][0].max() <= 250 and not torch.equal(calls[0][0], calls[1][0])
+
+    calls.clear()
+    method.critic_loss_and_logs(batch, exit_index=2)
+    assert [realism for _, realism in calls] == [False, True, True]  # flow; fake and real logits
+    assert all(t.max() <= 250 for t, realism in calls if realism)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"gan_max_timestep": 300}, "GAN term's timesteps, which is off"),
+    ({**GAN, "gan_max_timestep": 10}, "larger than min_timestep"),
+    ({**GAN, "gan_max_timestep": 2000}, "gan_max_timestep"),
+])
+def test_gan_max_timestep_errors(config, match):
+    with pytest.raises(ConfigError, match=match):
+        DMD2Method(tiny_wan_bundle(("student", "teacher", "critic")), wan_adapter(), config)

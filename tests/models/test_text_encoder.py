@@ -252,3 +252,39 @@ def test_errors_name_the_file_and_the_problem(pipeline, tmp_path):
     (t5 / "text_encoder" / "config.json").write_text(json.dumps(dict(cfg, model_type="t5")))
     with pytest.raises(CheckpointError, match=r"config\.json"):
         WanTextEncoder.from_pretrained(t5)
+
+
+def test_named_tiny_encoders_differ_only_in_relative_position_tables(tmp_path):
+    from megadistill.config import ConfigError
+    from megadistill.models.wan.family import load_text_encoder, parse_tiny_text_encoder
+    from safetensors.torch import load_file
+
+    assert parse_tiny_text_encoder("tiny") == (1.0, 0)
+    assert parse_tiny_text_encoder("tiny-positional:3") == (10.0, 3)
+    assert parse_tiny_text_encoder(str(tmp_path)) is None  # a folder
+    with pytest.raises(ConfigError, match="unknown tiny text encoder.*tiny-positional"):
+        parse_tiny_text_encoder("tiny-positonal")
+    with pytest.raises(ConfigError, match="seed after ':' must be a non-negative integer"):
+        parse_tiny_text_encoder("tiny:x")
+
+    build_tiny_text_encoder(tmp_path / "plain", **TINY_TEXT)
+    build_tiny_text_encoder(tmp_path / "positional", relative_bias_scale=10.0, **TINY_TEXT)
+    plain = load_file(str(tmp_path / "plain/text_encoder/model.safetensors"))
+    positional = load_file(str(tmp_path / "positional/text_encoder/model.safetensors"))
+    tables = [k for k in plain if "relative_attention_bias" in k]
+    assert tables and plain.keys() == positional.keys()
+    for k in plain:
+        assert torch.equal(positional[k], plain[k] * 10.0 if k in tables else plain[k]), k
+
+    # The positional encoder carries which direction goes with which colour: swapping the two
+    # directions moves the outputs of the unchanged prefix ("a red blob moving") ~5x further.
+    captions = ["a red blob moving left and a blue blob moving up",
+                "a red blob moving up and a blue blob moving left"]
+    moved = {}
+    for spec in ("tiny", "tiny-positional"):
+        encoder = load_text_encoder(spec, "cpu", text_len=40, text_dim=64)
+        states, _ = encoder.encode(captions)
+        prefix = int(encoder.encode(["a red blob moving"])[1][0]) - 1  # its tokens without the end token
+        a, b = states[0, :prefix], states[1, :prefix]
+        moved[spec] = ((a - b).norm(dim=-1) / a.norm(dim=-1)).mean().item()
+    assert moved["tiny-positional"] > 3 * moved["tiny"], moved

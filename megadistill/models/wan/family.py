@@ -1,6 +1,7 @@
 """The Wan family's entry points for the builder: models, adapter, synthetic data."""
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
@@ -199,23 +200,44 @@ def _partition_parallel(config, fill, ds_config, mpu, dtype):
 
 
 _TINY_ENCODERS = {}
+# Named tiny encoders: relative-position bias scale of each (see build_tiny_text_encoder).
+TINY_TEXT_ENCODERS = {"tiny": 1.0, "tiny-positional": 10.0}
+
+
+def parse_tiny_text_encoder(spec: str):
+    """``"tiny"``, ``"tiny-positional"``, optionally ``":SEED"`` -> (relative_bias_scale, seed), or None
+    for a value that names no tiny encoder (a path)."""
+    name, _, seed = spec.partition(":")
+    if name not in TINY_TEXT_ENCODERS:
+        if name.startswith("tiny") and not os.path.exists(spec):
+            raise ConfigError("config", "pipeline_config.text_encoder",
+                              f"{spec!r}: unknown tiny text encoder and no such folder; use one of "
+                              f"{sorted(TINY_TEXT_ENCODERS)} (optionally with ':SEED') or an encoder folder")
+        return None
+    if seed and not seed.isdigit():
+        raise ConfigError("config", "pipeline_config.text_encoder",
+                          f"{spec!r}: the seed after ':' must be a non-negative integer, e.g. {name + ':1'!r}")
+    return TINY_TEXT_ENCODERS[name], int(seed or 0)
 
 
 def load_text_encoder(spec, device, text_len: int = 512, text_dim: int = 4096):
-    """``"tiny"`` (or ``"tiny:SEED"``): the deterministic tiny UMT5 + sentencepiece encoder, built in a
-    temporary folder; any other value: a folder or file ``WanTextEncoder.from_pretrained`` reads."""
+    """``"tiny"`` / ``"tiny-positional"`` (optionally ``":SEED"``): a deterministic tiny UMT5 +
+    sentencepiece encoder, built in a temporary folder (``-positional``: relative-position tables x10,
+    the encoder of the shipped tiny teacher); any other value: a folder or file
+    ``WanTextEncoder.from_pretrained`` reads."""
     from .text_encoder import WanTextEncoder
 
     if spec is None:
         return None
-    if spec.startswith("tiny"):
+    tiny = parse_tiny_text_encoder(spec)
+    if tiny is not None:
         from .tokenizer_utils import build_tiny_text_encoder
 
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        key = (seed, text_len, text_dim)
+        scale, seed = tiny
+        key = (scale, seed, text_len, text_dim)
         if key not in _TINY_ENCODERS:
             with tempfile.TemporaryDirectory() as d:
-                root = build_tiny_text_encoder(d, d_model=text_dim, seed=seed)
+                root = build_tiny_text_encoder(d, d_model=text_dim, seed=seed, relative_bias_scale=scale)
                 _TINY_ENCODERS[key] = WanTextEncoder.from_pretrained(root, device="cpu", text_len=text_len)
         return _TINY_ENCODERS[key].to(device)
     return WanTextEncoder.from_pretrained(spec, device=device, text_len=text_len)

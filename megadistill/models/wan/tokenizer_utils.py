@@ -91,10 +91,11 @@ def t5_tokenizer_from_sentencepiece(model_proto: bytes):
     return T5Tokenizer(vocab=vocab, extra_ids=0, _spm_precompiled_charsmap=charsmap)
 
 
-def _init_umt5_(model: torch.nn.Module, seed: int) -> None:
+def _init_umt5_(model: torch.nn.Module, seed: int, relative_bias_scale: float = 1.0) -> None:
     """Fill every parameter from one seeded generator, in state-dict order: embeddings N(0,1), norm
     weights 1 + N(0, 0.1) (not all ones, so a mis-mapped norm shows), other matrices N(0, 1/fan_in),
-    relative-position tables N(0, 0.5)."""
+    relative-position tables N(0, 0.5), then multiplied by ``relative_bias_scale`` (the same draws at
+    every scale)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied embedding appears once
@@ -107,6 +108,10 @@ def _init_umt5_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise)
             else:
                 p.copy_(noise * p.shape[1] ** -0.5)
+        if relative_bias_scale != 1.0:
+            for name, p in model.named_parameters():
+                if "relative_attention_bias" in name:
+                    p.mul_(relative_bias_scale)
 
 
 def tiny_umt5_config(vocab_size: int, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
@@ -137,14 +142,17 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def build_tiny_text_encoder(dir: str | os.PathLike, vocab_size: int = 128, d_model: int = 32, seed: int = 0,
                             corpus: list[str] | None = None, num_layers: int = 2, num_heads: int = 4,
-                            d_ff: int = 64) -> Path:
+                            d_ff: int = 64, relative_bias_scale: float = 1.0) -> Path:
     """Write a tiny random UMT5 encoder and a trained sentencepiece tokenizer as a diffusers-style folder:
 
         dir/text_encoder/config.json, model.safetensors
         dir/tokenizer/tokenizer.json, tokenizer_config.json, spiece.model
 
-    The same arguments give byte-identical files. Each subfolder is written to a temporary folder
-    inside ``dir`` and renamed into place. Returns ``dir``.
+    ``relative_bias_scale`` multiplies the relative-position bias tables after the seeded init: at 10
+    the encoder's outputs depend on word order far more than at 1, which is what lets a text-to-video
+    model tell "a red blob moving left and a blue blob moving up" from the same caption with the
+    directions swapped (docs/QUALITY.md). The same arguments give byte-identical files. Each
+    subfolder is written to a temporary folder inside ``dir`` and renamed into place. Returns ``dir``.
     """
     from safetensors.torch import save_file
     from transformers import UMT5EncoderModel
@@ -157,7 +165,7 @@ def build_tiny_text_encoder(dir: str | os.PathLike, vocab_size: int = 128, d_mod
     config = tiny_umt5_config(len(tokenizer), d_model, num_layers, num_heads, d_ff)
     config.architectures = ["UMT5EncoderModel"]
     model = UMT5EncoderModel(config)
-    _init_umt5_(model, seed)
+    _init_umt5_(model, seed, relative_bias_scale)
     weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
                if k != "encoder.embed_tokens.weight"}  # tied to shared.weight, stored once
 
