@@ -41,7 +41,7 @@ from megadistill.checkpoint import write_json_atomic
 
 ROOT = Path(_bootstrap.ROOT)
 DEFAULT_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"max_steps": 1500, "samples": 256}
+QUICK = {"max_steps": 2000, "samples": 256}
 FULL = {"max_steps": 3000, "samples": 512}
 
 
