@@ -94,8 +94,7 @@ def t5_tokenizer_from_sentencepiece(model_proto: bytes):
 def _init_umt5_(model: torch.nn.Module, seed: int, relative_bias_scale: float = 1.0) -> None:
     """Fill every parameter from one seeded generator, in state-dict order: embeddings N(0,1), norm
     weights 1 + N(0, 0.1) (not all ones, so a mis-mapped norm shows), other matrices N(0, 1/fan_in),
-    relative-position tables N(0, 0.5), then multiplied by ``relative_bias_scale`` (the same draws at
-    every scale)."""
+    relative-position tables N(0, 0.5) times ``relative_bias_scale`` (the same draws at every scale)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied embedding appears once
@@ -103,15 +102,11 @@ def _init_umt5_(model: torch.nn.Module, seed: int, relative_bias_scale: float = 
             if name.endswith("layer_norm.weight"):
                 p.copy_(1.0 + 0.1 * noise)
             elif "relative_attention_bias" in name:
-                p.copy_(0.5 * noise)
+                p.copy_(0.5 * relative_bias_scale * noise)
             elif name == "shared.weight":
                 p.copy_(noise)
             else:
                 p.copy_(noise * p.shape[1] ** -0.5)
-        if relative_bias_scale != 1.0:
-            for name, p in model.named_parameters():
-                if "relative_attention_bias" in name:
-                    p.mul_(relative_bias_scale)
 
 
 def tiny_umt5_config(vocab_size: int, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
