@@ -178,7 +178,8 @@ def _worker(rank, world, layout, out_dir, opts):
         import deepspeed
         import deepspeed.comm as ds_comm
 
-        deepspeed.init_distributed(dist_backend=backend)
+        from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
+        init_deepspeed_comm(backend)
         for module in (model.time_embedding, model.time_projection):  # read by embed_time, not called
             for p in module.parameters():
                 deepspeed.zero.register_external_parameter(model, p)

@@ -15,6 +15,7 @@ from megadistill.config import ConfigError, RunConfig
 from megadistill.methods.registry import build_method
 from megadistill.methods.roles import EMA, ModelBundle, RoleHandle
 from megadistill.distributed.zero import zero_stage
+from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
 from megadistill.models.registry import get_family
 
 from .ema import PartitionedEMA
@@ -176,12 +177,11 @@ def build_run(cfg: RunConfig, ds_config: dict | None = None) -> Run:
         return build_pipeline_run(cfg, ds_config)
     grid_lib.initialize(tp=p.tp, sp=p.sp, pp=p.pp)
     if ds_config is not None:
-        import deepspeed
         import torch.distributed as dist
 
         # DeepSpeed keeps its own handle on the (already created) default group; zero.Init needs it.
         if dist.is_initialized():
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
+            init_deepspeed_comm()
     family = get_family(cfg.recipe.family)
     device = _device()
     handles = {}

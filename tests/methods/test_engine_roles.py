@@ -17,7 +17,8 @@ sys.path.insert(0, sys.argv[1])
 from methods_helpers import ToyAdapter, ToyFlow
 from megadistill.methods import DMD2Method, ModelBundle, RoleHandle
 
-deepspeed.init_distributed(dist_backend="gloo")
+from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
+init_deepspeed_comm("gloo")
 torch.manual_seed(0)
 config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 10.0,
           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
@@ -74,7 +75,8 @@ sys.path.insert(0, sys.argv[1])
 from methods_helpers import tiny_wan, wan_adapter, wan_batch
 from megadistill.methods import DMD2Method, ModelBundle, RoleHandle
 
-deepspeed.init_distributed(dist_backend="gloo")
+from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
+init_deepspeed_comm("gloo")
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1e9,
           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
 

@@ -150,7 +150,8 @@ def _zero_worker(rank, world, port, out, config_dict):
     from megadistill.methods.roles import RoleHandle
     from megadistill.train.checkpoint import save_training_checkpoint
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
+    init_deepspeed_comm("gloo")
     handles, refs = {}, {}
     g = torch.Generator().manual_seed(rank)  # ranks see different data, as in data-parallel training
     for i, (name, stage) in enumerate((("student", 3), ("critic", 2))):

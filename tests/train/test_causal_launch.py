@@ -163,7 +163,8 @@ def _zero3_block_worker(rank, world):
 
     torch.set_grad_enabled(True)
     md.initialize(backend="gloo")
-    deepspeed.init_distributed(dist_backend="gloo")
+    from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
+    init_deepspeed_comm("gloo")
     adapter = WanAdapter(None, FlowMatchScheduler(1000, 5.0), latent_shape=(16, 6, 4, 4))
     g = torch.Generator().manual_seed(0)
     noise, text, weight = torch.randn(1, 16, 6, 4, 4, generator=g), torch.randn(1, 8, 64, generator=g), \

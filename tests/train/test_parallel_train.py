@@ -142,15 +142,14 @@ def test_tp2_sp2_equals_single_process(reference, tmp_path):
 
 
 def _build_from_checkpoint(rank, world, ckpt_dir, expected):
-    import deepspeed
-
     import megadistill.distributed as md
+    from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
     from megadistill.models.wan.family import build_model
     from megadistill.methods.roles import RoleHandle
     from megadistill.train.builder import role_ds_config
 
     md.initialize(tp=2, sp=2, backend="gloo")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm("gloo")
     cfg = _config(ckpt_dir, 2, 2, STEPS, 0)
     role = dataclasses.replace(cfg.models["student"], path=str(ckpt_dir))
     with open(DS_CONFIG) as f:

@@ -11,9 +11,8 @@ DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "tr
 
 
 def _worker(rank, world, ckpt_dir):
-    import deepspeed
-
     import megadistill.distributed as md
+    from megadistill.distributed.deepspeed_comm import init_deepspeed_comm
     from megadistill.distributed.zero import build_partitioned, gathered_state_dict
     from megadistill.models.wan import WanDiT, get_preset, init_weights
     from megadistill.models.wan.checkpoint import open_wan_checkpoint
@@ -21,7 +20,7 @@ def _worker(rank, world, ckpt_dir):
     from megadistill.train.ema import PartitionedEMA
 
     md.initialize(backend="gloo")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm("gloo")
     cfg = get_preset("tiny")
     plain = init_weights(WanDiT(cfg), seed=7)
     part = build_partitioned(lambda: WanDiT(cfg), DS, lambda n, p: init_value(n, p.ds_shape, 7), mpu=md.mpu)
