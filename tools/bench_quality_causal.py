@@ -18,7 +18,9 @@ tiny teacher, sampled block by block at the training length F and at 2F.
    (whole prefix) and at 2F (local window ``--window`` frames + ``--sinks`` sink frames), scored
    against the synthetic world of that length;
 4. takes the bidirectional DMD2 student's FD from ``--bidirectional_json`` (a ``bench_quality.py``
-   JSON of the same ``--samples`` and ``--seed``) or distils and samples it here (``--dmd2_steps``);
+   JSON of the same ``--samples`` and ``--seed``) or distils and samples it here as
+   ``bench_quality.py`` does: an ODE-init warm start on this run's pairs (``--warm_start``,
+   ``--ode_steps`` steps), then ``--dmd2_steps`` DMD2 steps;
 5. prints one JSON object::
 
      {"causal_1x": {"fd", "adherence", "temporal_error"}, "causal_2x": {...},
@@ -31,7 +33,6 @@ The bar (docs/QUALITY.md, "The causal student"): ``fd_1x <= 1.2 x bidirectional_
 """
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
+from bench_quality import WARM_START_CONFIG, check_same_step_list, export_student, ode_pairs, train
 
 from megadistill.checkpoint import write_json_atomic
 
@@ -47,8 +49,8 @@ TEACHER = "configs/weights/tiny_teacher"
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"pairs": 128, "ode_steps": 300, "sf_steps": 500, "dmd2_steps": 1000, "samples": 256}
-FULL = {"pairs": 1024, "ode_steps": 600, "sf_steps": 1000, "dmd2_steps": 2000, "samples": 512}
+QUICK = {"pairs": 1024, "ode_steps": 1000, "sf_steps": 500, "dmd2_steps": 1000, "samples": 256}
+FULL = {"pairs": 2048, "ode_steps": 2000, "sf_steps": 1000, "dmd2_steps": 2500, "samples": 512}
 
 
 def parse_args(argv=None):
@@ -66,6 +68,11 @@ def parse_args(argv=None):
     ap.add_argument("--ode_config", default=ODE_CONFIG)
     ap.add_argument("--sf_config", default=SF_CONFIG)
     ap.add_argument("--dmd2_config", default=DMD2_CONFIG, help="bidirectional DMD2 config (also the CFG of the pairs)")
+    ap.add_argument("--warm_start", default=WARM_START_CONFIG, metavar="CONFIG",
+                    help="ODE-init config of the bidirectional student's warm start (on this run's pairs, "
+                         "--ode_steps steps), or 'none'")
+    ap.add_argument("--set_warm_start", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the warm-start config")
     ap.add_argument("--set_ode", action="append", default=[], metavar="KEY=VALUE", help="override of the ODE-init config")
     ap.add_argument("--set_sf", action="append", default=[], metavar="KEY=VALUE",
                     help="override of the self-forcing config")
@@ -81,77 +88,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-# -- stages (each a subprocess of the repository's own tools) ---------------------------------------------
-
-def run_logged(cmd, threads, what: str) -> None:
-    """``cmd`` with its output forwarded to stderr (``bench_quality.run_logged``)."""
-    _bidirectional_bench().run_logged(cmd, threads, what)
-
-
-def write_captions(path: Path, count: int, seed: int) -> None:
-    """``count`` random captions of the synthetic world, one a line (the ODE-pair prompts)."""
-    from megadistill.data.synthetic import mix_seed, sample_captions
-
-    if count < 1:
-        raise ValueError(f"--pairs {count} must be >= 1")
-    captions = sample_captions(count, torch.Generator().manual_seed(mix_seed("causal-ode-pairs", seed)))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(captions) + "\n")
-    tmp.replace(path)
-
-
-def ode_pairs(ode_cfg, dmd2_cfg, out: Path, count: int, teacher_steps: int, seed: int, threads) -> Path:
-    """Teacher CFG ODE trajectories through the ODE-init config's step list, as WebDataset shards."""
-    mc, pc = ode_cfg.method_config, ode_cfg.pipeline_config
-    prompts = out / "ode_prompts.txt"
-    write_captions(prompts, count, seed)
-    pairs = out / "ode_pairs"
-    cmd = [sys.executable, str(ROOT / "tools" / "generate_ode_pairs.py"), "--teacher", str(ROOT / TEACHER),
-           "--prompts", str(prompts), "--text-encoder", pc.text_encoder,
-           "--latent-shape", *map(str, pc.latent_shape), "--num-steps", str(teacher_steps),
-           "--keep-steps", ",".join(str(int(s)) for s in mc["denoising_steps"]), "--shift", str(pc.flow_shift),
-           "--batch-size", "64", "--samples-per-shard", "256", "--seed", str(seed), "--out", str(pairs),
-           "--overwrite"]
-    if mc.get("warp_denoising_step", False):
-        cmd.append("--warp")
-    scale = dmd2_cfg.method_config.get("guidance_scale")
-    if scale is not None:
-        cmd += ["--guidance-scale", str(scale), "--guidance-convention",
-                dmd2_cfg.method_config.get("guidance_convention", "cfg")]
-    run_logged(cmd, threads, "ODE pairs")
-    return pairs
-
-
-def train(config: str, overrides, output_dir: Path, max_steps: int, threads, what: str) -> Path:
-    """``launch/pretrain_dmd.py`` in a subprocess; returns the final checkpoint folder."""
-    from megadistill.train.checkpoint import latest_checkpoint
-
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain_dmd.py"), "--config", config,
-           "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--checkpoint_every", "0"]
-    for o in overrides:
-        cmd += ["--set", o]
-    run_logged(cmd, threads, what)
-    ckpt = latest_checkpoint(str(output_dir))
-    if ckpt is None:
-        raise SystemExit(f"{what} wrote no checkpoint under {output_dir}")
-    return Path(ckpt)
-
-
-def export_student(checkpoint: Path, like: Path, dst: Path) -> Path:
-    """A Wan native folder (``config.json`` of ``like`` + the checkpoint's student weights), so the
-    next stage's config can name it as a model ``path``."""
-    weights = checkpoint / "student.safetensors"
-    if not weights.is_file():
-        raise SystemExit(f"{checkpoint} holds no student.safetensors")
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copyfile(like / "config.json", tmp / "config.json")
-    shutil.copyfile(weights, tmp / "diffusion_pytorch_model.safetensors")
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.replace(dst)
-    return dst
-
+# -- stages: tools/bench_quality.py's (each a subprocess of the repository's own tools) -----------------
 
 # -- measurement -------------------------------------------------------------------------------------------
 
@@ -194,8 +131,10 @@ def measure_causal(sf_config: str, sf_overrides, weights: Path, samples: int, wi
     return rows
 
 
-def bidirectional_fd(args, out: Path, samples: int, steps: int) -> dict:
-    """``{"fd", "source"}`` of the bidirectional 4-step DMD2 student on the same evaluation set."""
+def bidirectional_fd(args, out: Path, samples: int, steps: int, pairs: Path, warm_start_steps: int) -> dict:
+    """``{"fd", "source"}`` of the bidirectional 4-step DMD2 student on the same evaluation set:
+    read from ``--bidirectional_json``, or trained here as ``tools/bench_quality.py`` does (an ODE-init
+    warm start, on this run's ODE pairs, unless ``--warm_start none``; then DMD2)."""
     if args.bidirectional_json:
         report = json.loads(Path(args.bidirectional_json).read_text())
         if "student_4" not in report or "fd" not in report["student_4"]:
@@ -205,24 +144,20 @@ def bidirectional_fd(args, out: Path, samples: int, steps: int) -> dict:
     from megadistill.eval.quality import SamplingSpec, build_adapter, load_role_model, quality_report, world_of
     from megadistill.train.quality_report import student_step_list, student_weights
 
-    cfg = load_config(args.dmd2_config, args.set_dmd2)
-    ckpt = train(args.dmd2_config, args.set_dmd2, out / "dmd2", steps, args.threads, "bidirectional DMD2")
+    overrides = list(args.set_dmd2)
+    if args.warm_start != "none":
+        warm = train(args.warm_start, [f"data.path={pairs}"] + args.set_warm_start, out / "dmd2_warm_start",
+                     warm_start_steps, args.threads, "bidirectional ODE-init warm start")
+        init = export_student(warm, ROOT / TEACHER, out / "dmd2_warm_student")
+        overrides = [f"models.student.path={init}"] + overrides
+    cfg = load_config(args.dmd2_config, overrides)
+    ckpt = train(args.dmd2_config, overrides, out / "dmd2", steps, args.threads, "bidirectional DMD2")
     student = load_role_model(cfg, "student", student_weights(ckpt))
     adapter = build_adapter(cfg, {"student": student})
     spec = SamplingSpec("student_4", student, student_step_list(cfg, adapter.noise_scheduler), "sde")
     report, _ = quality_report([spec], adapter, world_of(cfg), samples, args.seed, args.batch_size)
     return {"fd": report["student_4"]["fd"], "source": f"{args.dmd2_config}, {steps} steps (this run)",
             "adherence": report["student_4"]["adherence"], "temporal_error": report["student_4"]["temporal_error"]}
-
-
-def _bidirectional_bench():
-    """``tools/bench_quality.py`` as a module (its step list and sampling rows are reused)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(args) -> dict:
@@ -243,8 +178,14 @@ def run(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         ode_cfg = load_config(args.ode_config, ["data.path=."] + args.set_ode)
         dmd2_cfg = load_config(args.dmd2_config, args.set_dmd2)
+        if not args.bidirectional_json and args.warm_start != "none":
+            # The bidirectional warm start reuses this run's pairs: one step list for all three.
+            check_same_step_list(ode_cfg, dmd2_cfg, args.ode_config)
+            check_same_step_list(load_config(args.warm_start, ["data.path=."] + args.set_warm_start), dmd2_cfg,
+                                 args.warm_start)
         t = time.perf_counter()
-        pairs = ode_pairs(ode_cfg, dmd2_cfg, out, pairs_n, args.teacher_steps, args.seed, args.threads)
+        pairs = ode_pairs(ode_cfg, dmd2_cfg, out, pairs_n, args.teacher_steps, args.seed, args.threads,
+                          stream="causal-ode-pairs")
         timings["ode_pairs_s"] = time.perf_counter() - t
         t = time.perf_counter()
         ode_ckpt = train(args.ode_config, [f"data.path={pairs}"] + args.set_ode, out / "ode_init", ode_steps,
@@ -258,7 +199,7 @@ def run(args) -> dict:
         rows = measure_causal(args.sf_config, sf_overrides, student_weights(sf_ckpt), samples, args.window,
                               args.sinks, args.batch_size, args.seed)
         t = time.perf_counter()
-        bidir = bidirectional_fd(args, out, samples, dmd2_steps)
+        bidir = bidirectional_fd(args, out, samples, dmd2_steps, pairs, ode_steps)
         timings["bidirectional_s"] = time.perf_counter() - t
     keys = ("fd", "adherence", "temporal_error")
     result = {name: {k: rows[name][k] for k in keys} for name in ("causal_1x", "causal_2x")}

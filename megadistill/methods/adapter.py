@@ -120,6 +120,10 @@ class CausalAdapter(Adapter, Protocol):
       earlier blocks through the cache.
     """
 
+    def is_block_causal(self, handle: RoleHandle) -> bool:
+        """Whether ``handle``'s network is block-causal (False: a bidirectional network)."""
+        ...
+
     def frames_per_block(self, handle: RoleHandle) -> int:
         """Latent frames per causal block of ``handle``'s network (an error if it is not causal)."""
         ...

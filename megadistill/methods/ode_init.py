@@ -1,5 +1,6 @@
-"""ODE-init: knowledge distillation of a teacher's ODE trajectories into a block-causal student
-(the initialization of CausVid / Self-Forcing before DMD).
+"""ODE-init: knowledge distillation of a teacher's ODE trajectories into a few-step student -- the
+initialization of CausVid / Self-Forcing before DMD (a block-causal student), or a warm start of a
+bidirectional DMD2 student (DMD's regression onto teacher ODE pairs, as a stage of its own).
 
 Data (``tools/generate_ode_pairs.py``): per prompt, the teacher's deterministic ODE sample from
 noise, with the states ``x_{t_k}`` at the kept timesteps ``t_0 > ... > t_{K-1} > 0`` (raw batch
@@ -8,15 +9,16 @@ noise, with the states ``x_{t_k}`` at the kept timesteps ``t_0 > ... > t_{K-1} >
 
 Loss, per sample: for each block of the student's n frames an index ``k ~ U{0..K-1}`` (one per
 block: ``timestep_granularity: block``, the public ``timestep_type: causal``; or one per frame, or
-one per clip), the input ``x`` takes every frame from the state of its block's index, with
-per-frame timesteps ``t [B, F]``; the student's masked (teacher-forcing) path predicts
-``x0_hat = x - sigma(t) v(x, t)`` for the whole clip at once and
+one per clip -- the only choice for a bidirectional student), the input ``x`` takes every frame
+from the state of its block's index, with per-frame timesteps ``t [B, F]``; the student's masked
+(teacher-forcing) path predicts ``x0_hat = x - sigma(t) v(x, t)`` for the whole clip at once and
 
     loss = mean((x0_hat - x_0)^2)        (float32)
 
 The kept timesteps must be the student's step list (``denoising_steps``, optionally warped): a
 batch whose ``ode_timesteps`` differ is an error, so the student learns exactly the steps it
-samples with (``sampling_spec``: causal, block by block, predict x0 and re-noise).
+samples with (``sampling_spec``: predict x0 and re-noise along the list; block by block for a
+block-causal student).
 """
 from __future__ import annotations
 
@@ -109,9 +111,10 @@ def ode_trajectory(predict_flow: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 @register_method(METHOD)
 class OdeInitMethod(TrainingMethod):
-    """Regression of the block-causal ``student`` onto the clean endpoint of teacher ODE
-    trajectories (data: ``ode_states``, ``ode_timesteps``, ``latents``). ``adapter`` must implement
-    :class:`CausalAdapter`."""
+    """Regression of the ``student`` onto the clean endpoint of teacher ODE trajectories (data:
+    ``ode_states``, ``ode_timesteps``, ``latents``). ``adapter`` must implement
+    :class:`CausalAdapter` (a bidirectional student, ``is_block_causal`` False, takes
+    ``timestep_granularity: clip``)."""
 
     roles = {"student": True}
 
@@ -130,7 +133,12 @@ class OdeInitMethod(TrainingMethod):
                                                        shift, sched.num_train_timesteps)
         except ValueError as err:
             raise config_error(METHOD, "denoising_steps", str(err)) from None
-        self.block_frames = adapter.frames_per_block(bundle["student"])
+        self.causal = bool(adapter.is_block_causal(bundle["student"]))
+        if not self.causal and self.config.timestep_granularity != "clip":
+            raise config_error(METHOD, "timestep_granularity",
+                               f"{self.config.timestep_granularity!r} needs a block-causal student "
+                               "(models.student.causal: true); a bidirectional student takes 'clip'")
+        self.block_frames = adapter.frames_per_block(bundle["student"]) if self.causal else None
         self.seed = int(seed)  # draws are per rank (torch's generator); kept for a uniform constructor
 
     def trajectory(self, raw: Mapping[str, Any], batch: PreparedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +163,9 @@ class OdeInitMethod(TrainingMethod):
     def draw_indices(self, batch_size: int, frames: int, num_states: int, device) -> torch.Tensor:
         """State index per frame ``[B, F]``: one draw per block, per frame or per clip."""
         g = self.config.timestep_granularity
-        groups = {"block": frames // self.block_frames, "frame": frames, "clip": 1}[g]
         if g == "block" and frames % self.block_frames:
             raise ValueError(f"{frames} frames are not whole blocks of {self.block_frames}")
+        groups = frames // self.block_frames if g == "block" else {"frame": frames, "clip": 1}[g]
         idx = torch.randint(0, num_states, (batch_size, groups), device=device)
         return idx.repeat_interleave(frames // groups, dim=1)
 
@@ -180,9 +188,10 @@ class OdeInitMethod(TrainingMethod):
         return self.update("student", loss, step)
 
     def sampling_spec(self, num_steps: Optional[int] = None) -> SamplingSpec:
-        """Causal block-by-block sampling along the step list; ``num_steps`` is ignored."""
+        """Few-step sampling along the step list (block by block for a block-causal student);
+        ``num_steps`` is ignored."""
         return SamplingSpec(role="student", timesteps=tuple(float(t) for t in self.denoising_steps),
-                            sampler="sde", causal=True)
+                            sampler="sde", causal=self.causal)
 
     def step_graph(self, step: int, num_microbatches: int) -> List[OpGraph]:
         """One phase: per microbatch ``student.denoise`` (forward, masked whole clip) and its backward."""

@@ -15,8 +15,9 @@ SHAPE = (16, 4, 4, 4)
 N = 2
 
 
-def make_method(config=None, lr=2e-3, with_teacher=False):
-    student = init_weights(CausalWanDiT(get_preset("tiny"), num_frame_per_block=N), seed=1)
+def make_method(config=None, lr=2e-3, with_teacher=False, causal=True):
+    student = init_weights(CausalWanDiT(get_preset("tiny"), num_frame_per_block=N) if causal
+                           else WanDiT(get_preset("tiny")), seed=1)
     roles = {"student": RoleHandle("student", student, True,
                                    optimizer=torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.999)))}
     if with_teacher:
@@ -106,3 +107,26 @@ def test_config_and_roles():
     assert isinstance(make_method(), OdeInitMethod)
     (graph,) = make_method().step_graph(0, 2)
     assert graph.trainable_roles == ("student",) and len(graph) == 4
+
+
+def test_bidirectional_student_regresses_with_one_state_per_clip():
+    """A bidirectional student (the warm start of a DMD2 student) takes clip draws only; its loss
+    is the whole-clip regression at the one drawn state, and it samples bidirectionally."""
+    with pytest.raises(ConfigError, match="needs a block-causal student"):
+        make_method(causal=False)
+    with pytest.raises(ConfigError, match="needs a block-causal student"):
+        make_method({"timestep_granularity": "frame"}, causal=False)
+    m = make_method({"timestep_granularity": "clip"}, causal=False)
+    assert not m.sampling_spec().causal and m.sampling_spec().sampler == "sde"
+    raw = ode_batch()
+    batch = m.adapter.prepare_batch(raw, "data")
+    states, ts = m.trajectory(raw, batch)
+    index = torch.tensor([[1] * 4, [3] * 4])
+    loss = m.loss(states, ts, batch.latents, batch.cond, index)
+    x_t, t = states[torch.arange(2), index[:, 0]], ts[torch.arange(2), index[:, 0]]
+    v = m.bundle["student"].module(x_t, t, raw["text_states"])  # [B] timesteps: the plain bidirectional call
+    want = ((x_t - (t / 1000.0)[:, None, None, None, None] * v) - raw["latents"]).pow(2).mean()
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    losses = [m.train_step(raw, step)["loss"] for step in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses

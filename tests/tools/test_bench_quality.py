@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megadistill.config import load_config
 from megadistill.data.synthetic import SyntheticVideoWorld
@@ -25,7 +26,8 @@ def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
     out_json = tmp_path / "quality.json"
     rc = bench.main(["--quick", "--max_steps", "2", "--samples", "8", "--teacher_steps", "6",
                      "--batch_size", "4", "--output_dir", str(tmp_path / "run"), "--json", str(out_json),
-                     "--set", "training.micro_batch_size=2", "--threads", "1"])
+                     "--set", "training.micro_batch_size=2", "--threads", "1",
+                     "--pairs", "4", "--warm_start_steps", "2", "--set_warm_start", "training.micro_batch_size=2"])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out_json.read_text())
@@ -36,17 +38,38 @@ def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
         assert 0.0 <= printed[name]["adherence"] <= 1.0
     assert printed["real"]["adherence"] == 1.0  # real clips show their captions
     assert printed["noise_floor_fd"] > 0 and printed["wall_s"] > 0
-    # The run went through the launcher: 2 logged steps, a final checkpoint with the student.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 2
-    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "student.safetensors").is_file()
+    # Both stages went through the launcher: 2 logged steps each, a final checkpoint with the student;
+    # DMD2 started from the warm start's export.
+    for stage in ("warm_start", "dmd2"):
+        run = tmp_path / "run" / stage
+        steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+        assert steps[-1] == 2, stage
+        assert (run / "checkpoints" / "step_00000002" / "student.safetensors").is_file()
+    assert (tmp_path / "run" / "ode_pairs" / "ode_pairs.json").is_file()
+    dmd2_config = (tmp_path / "run" / "dmd2" / "config.yaml").read_text()
+    assert str(tmp_path / "run" / "warm_student") in dmd2_config
+    assert load_file(str(tmp_path / "run" / "warm_student" / "diffusion_pytorch_model.safetensors")).keys() == \
+        load_file(str(tmp_path / "run" / "warm_start" / "checkpoints" / "step_00000002" / "student.safetensors")).keys()
+
+
+def test_bench_quality_refuses_a_warm_start_on_another_step_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    bench = load_tool("bench_quality")
+    rc = bench.main(["--quick", "--output_dir", str(tmp_path), "--set_warm_start",
+                     "method_config.warp_denoising_step=true"])
+    assert rc == 2 and "differs from the DMD2 student's" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_student_step_list_is_the_methods():
     cfg = load_config(CONFIG)
     steps = student_step_list(cfg, FlowMatchScheduler(1000, 5.0))
-    # [1000, 750, 500, 250] warped onto the shift-5 grid (DESIGN.md).
-    assert torch.allclose(steps, torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64))
+    # [1000, 750, 500, 250] as they stand (warp_denoising_step: false) ...
+    assert torch.allclose(steps, torch.tensor([1000.0, 750.0, 500.0, 250.0], dtype=torch.float64))
+    # ... or warped onto the shift-5 grid (DESIGN.md).
+    warped = load_config(CONFIG, ["method_config.warp_denoising_step=true"])
+    assert torch.allclose(student_step_list(warped, FlowMatchScheduler(1000, 5.0)),
+                          torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64))
 
 
 def test_quality_bar_conditions():

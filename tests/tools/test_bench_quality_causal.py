@@ -49,6 +49,31 @@ def test_bench_quality_causal_short_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "ode_student" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_bench_quality_causal_trains_its_own_bidirectional_student(tmp_path, monkeypatch, capsys):
+    """Without --bidirectional_json the bidirectional student is warm-started on the run's own
+    ODE pairs and DMD2-distilled, as tools/bench_quality.py does (2 steps each, 4 clips)."""
+    monkeypatch.chdir(ROOT)
+    bench = load_tool("bench_quality_causal")
+    small = "training.micro_batch_size=2"
+    rc = bench.main(["--quick", "--pairs", "4", "--teacher_steps", "3", "--ode_steps", "2", "--sf_steps", "2",
+                     "--dmd2_steps", "2", "--samples", "4", "--batch_size", "4", "--output_dir", str(tmp_path / "run"),
+                     "--threads", "1", "--set_ode", small, "--set_sf", small, "--set_warm_start", small,
+                     "--set_dmd2", small])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    bidirectional = printed["reference"]["bidirectional"]
+    assert printed["bidirectional_student_fd"] == bidirectional["fd"] and math.isfinite(bidirectional["fd"])
+    for stage in ("dmd2_warm_start", "dmd2"):
+        steps = [json.loads(line)["step"] for line in (tmp_path / "run" / stage / "log.jsonl").read_text().splitlines()]
+        assert steps[-1] == 2, stage
+    assert str(tmp_path / "run" / "dmd2_warm_student") in (tmp_path / "run" / "dmd2" / "config.yaml").read_text()
+    # One step list for the pairs, the warm start and the DMD2 student, checked before any work.
+    rc = bench.main(["--quick", "--output_dir", str(tmp_path / "mismatch"), "--set_ode",
+                     "method_config.warp_denoising_step=true"])
+    assert rc == 2 and "differs from the DMD2 student's" in capsys.readouterr().err
+    assert not any((tmp_path / "mismatch").iterdir())
+
+
 def test_causal_bar():
     bar = causal_bar(fd_1x=110.0, temporal_1x=0.2, temporal_2x=0.29, bidirectional_fd=100.0)
     assert bar["fd_ratio_1x"] == pytest.approx(1.1) and bar["temporal_ratio_2x"] == pytest.approx(1.45)

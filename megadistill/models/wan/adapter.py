@@ -96,6 +96,9 @@ class WanAdapter:
         return self.noise_scheduler.add_noise(x0, eps, t)
 
     # -- block-causal networks (CausalWanDiT): the CausalAdapter operations -------------------------
+    def is_block_causal(self, handle) -> bool:
+        return _is_causal(handle)
+
     def frames_per_block(self, handle) -> int:
         return _causal_module(handle).num_frame_per_block
 
@@ -224,10 +227,14 @@ def _one_text(states: torch.Tensor) -> torch.Tensor:
     return states
 
 
+def _is_causal(handle) -> bool:
+    return hasattr(getattr(handle, "module", handle), "forward_block")
+
+
 def _causal_module(handle):
     """The block-causal DiT behind a role handle (a bare module is accepted too)."""
     module = getattr(handle, "module", handle)
-    if not hasattr(module, "forward_block"):
+    if not _is_causal(module):
         name = getattr(handle, "name", type(module).__name__)
         raise ValueError(f"role {name!r} is a bidirectional {type(module).__name__}; this operation needs a "
                          "block-causal model (set models.<role>.causal: true)")
