@@ -48,8 +48,9 @@ def test_bench_quality_short_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "ode_pairs" / "ode_pairs.json").is_file()
     dmd2_config = (tmp_path / "run" / "dmd2" / "config.yaml").read_text()
     assert str(tmp_path / "run" / "warm_student") in dmd2_config
-    assert load_file(str(tmp_path / "run" / "warm_student" / "diffusion_pytorch_model.safetensors")).keys() == \
-        load_file(str(tmp_path / "run" / "warm_start" / "checkpoints" / "step_00000002" / "student.safetensors")).keys()
+    exported = load_file(str(tmp_path / "run" / "warm_student" / "diffusion_pytorch_model.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "warm_start" / "checkpoints" / "step_00000002" / "student.safetensors"))
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
 def test_bench_quality_refuses_a_warm_start_on_another_step_list(tmp_path, monkeypatch, capsys):
