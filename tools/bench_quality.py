@@ -171,9 +171,13 @@ def export_student(checkpoint: Path, like: Path, dst: Path) -> Path:
 
 
 def step_list_settings(cfg) -> tuple:
-    """``(denoising_steps, warp_denoising_step)`` of a run config (the methods' defaults where unset)."""
+    """``(denoising_steps, warp_denoising_step)`` of a run config (DMD2's defaults where unset; ODE-init
+    and self-forcing share them)."""
+    from megadistill.methods.dmd2 import DMD2Config
+
     mc = cfg.method_config
-    return [int(t) for t in mc.get("denoising_steps", (1000, 750, 500, 250))], bool(mc.get("warp_denoising_step", False))
+    steps = mc.get("denoising_steps", DMD2Config.denoising_steps)
+    return [int(t) for t in steps], bool(mc.get("warp_denoising_step", DMD2Config.warp_denoising_step))
 
 
 def check_same_step_list(ode_cfg, dmd2_cfg, where: str) -> None:

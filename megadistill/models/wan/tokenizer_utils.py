@@ -143,7 +143,7 @@ def build_tiny_text_encoder(dir: str | os.PathLike, vocab_size: int = 128, d_mod
         dir/text_encoder/config.json, model.safetensors
         dir/tokenizer/tokenizer.json, tokenizer_config.json, spiece.model
 
-    ``relative_bias_scale`` multiplies the relative-position bias tables after the seeded init: at 10
+    ``relative_bias_scale`` multiplies the relative-position bias tables' seeded draws: at 10
     the encoder's outputs depend on word order far more than at 1, which is what lets a text-to-video
     model tell "a red blob moving left and a blue blob moving up" from the same caption with the
     directions swapped (docs/QUALITY.md). The same arguments give byte-identical files. Each
