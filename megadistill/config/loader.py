@@ -428,6 +428,10 @@ def _resolve_data(data: DataConfig, ctx: _Context) -> DataConfig:
         if unknown:
             raise ctx.error("data.world", f"unknown setting(s) {unknown}; expected some of "
                                           f"{list(SYNTHETIC_WORLD_KEYS)}")
+        seed = data.world.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ctx.error("data.world.seed", f"got {seed!r}, expected an integer >= 0 (the world's own seed; "
+                                               "0 is the shipped tiny teacher's world)")
         return data
     if data.path is None:
         what = ("a text file with one prompt a line" if data.kind == "prompts"

@@ -32,10 +32,12 @@ LRScheduler = Literal["constant", "cosine", "linear"]
 DataKind = Literal["prompts", "webdataset", "synthetic"]
 PipelineSchedule = Literal["interleaved", "sequential"]
 # Settings of the synthetic blob world (megadistill.data.synthetic.SyntheticVideoWorld) a run may
-# change under ``data.world``; its shape comes from pipeline_config.latent_shape, its seed from
-# training.seed.
-SYNTHETIC_WORLD_KEYS = ("blob_sigma", "amplitude_range", "travel_range", "margin", "background_std",
+# change under ``data.world``; its shape comes from pipeline_config.latent_shape. Its ``seed``
+# (default 0, the world of the shipped tiny teacher) is the dataset's, not training.seed: a run's
+# seed changes which clips are drawn, never what the clips look like.
+SYNTHETIC_WORLD_KEYS = ("seed", "blob_sigma", "amplitude_range", "travel_range", "margin", "background_std",
                         "background_smoothness", "noise_std")
+SYNTHETIC_WORLD_SEED = 0
 
 
 def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **bounds):

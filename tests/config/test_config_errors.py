@@ -99,6 +99,8 @@ def _edit(base: str, old: str, new: str) -> str:
      "does not exist"),
     (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, path: /tmp}"), "data.path", "takes no path"),
     (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, world: {speed: 2}}"), "data.world", "unknown setting"),
+    (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, world: {seed: -1}}"), "data.world.seed", "integer >= 0"),
+    (_edit(GOOD, "{kind: synthetic}", "{kind: synthetic, world: {seed: 1.5}}"), "data.world.seed", "integer >= 0"),
     (_edit(GOOD, "{kind: synthetic}", "{kind: prompts, path: /tmp, world: {margin: 0.5}}"), "data.world",
      "only synthetic data"),
     (GOOD + "checkpoint: {resume: /nonexistent/ckpt}\n", "checkpoint.resume", "null, auto or an existing"),

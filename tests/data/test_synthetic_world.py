@@ -210,3 +210,24 @@ def test_run_config_world_settings_reach_the_stream_world(tmp_path):
     speed = speed[~speed.isnan()]
     # travel 0.6-0.7 of the usable 5 px (8 - 1 - 2 * 1.0) over 5 frame steps
     assert float(speed.min()) >= 0.6 - 1e-5 and float(speed.max()) <= 0.7 + 1e-5
+
+
+def test_training_seed_draws_other_clips_of_the_same_world(tmp_path):
+    """The world is the dataset: ``training.seed`` changes which clips a run draws, not the world
+    (signatures, motion rules); ``data.world.seed`` selects another world."""
+    from megadistill.config import load_config
+    from megadistill.models.registry import get_family
+
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: {method: finetune}\nmodels: {student: {preset: tiny}}\n"
+                    "pipeline_config: {latent_shape: [16, 6, 8, 8]}\ndata: {kind: synthetic}\n")
+
+    def stream(*overrides):
+        return get_family("wan").build_synthetic_stream(load_config(str(path), list(overrides)), rank=0,
+                                                        world_size=1)
+
+    base, reseeded, other = stream(), stream("training.seed=1"), stream("data.world.seed=1")
+    assert base.world.config() == reseeded.world.config() and base.world.config()["seed"] == 0
+    assert torch.equal(base.world.signatures, reseeded.world.signatures)
+    assert not torch.equal(base.world.signatures, other.world.signatures)
+    assert not torch.equal(next(base)["latents"], next(reseeded)["latents"])

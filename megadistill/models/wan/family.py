@@ -257,10 +257,12 @@ def build_adapter(run_cfg, device, models: dict):
 
 
 def build_synthetic_stream(run_cfg, rank: int, world_size: int):
+    from megadistill.config.schema import SYNTHETIC_WORLD_SEED
     from megadistill.data.synthetic import SyntheticLatentStream, SyntheticVideoWorld
 
     c, f, h, w = run_cfg.pipeline_config.latent_shape
-    world = SyntheticVideoWorld(channels=c, frames=f, height=h, width=w, seed=run_cfg.training.seed,
-                                **run_cfg.data.world)
+    # The world (the dataset) keeps its own seed; training.seed only picks the clips drawn from it.
+    world = SyntheticVideoWorld(**{"seed": SYNTHETIC_WORLD_SEED, **run_cfg.data.world},
+                                channels=c, frames=f, height=h, width=w)
     return SyntheticLatentStream(world, run_cfg.training.micro_batch_size, seed=run_cfg.training.seed,
                                  rank=rank, world_size=world_size)
