@@ -50,7 +50,7 @@ ROOT = Path(_bootstrap.ROOT)
 TEACHER = "configs/weights/tiny_teacher"
 DEFAULT_CONFIG = "configs/tiny_dmd2_quality.yaml"
 WARM_START_CONFIG = "configs/tiny_ode_init_dmd2_quality.yaml"
-QUICK = {"max_steps": 2500, "samples": 256, "pairs": 1024, "warm_start_steps": 1000}
+QUICK = {"max_steps": 2000, "samples": 256, "pairs": 1024, "warm_start_steps": 1000}
 FULL = {"max_steps": 3000, "samples": 512, "pairs": 2048, "warm_start_steps": 2000}
 
 

@@ -49,8 +49,8 @@ TEACHER = "configs/weights/tiny_teacher"
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"pairs": 1024, "ode_steps": 1000, "sf_steps": 500, "dmd2_steps": 1000, "samples": 256}
-FULL = {"pairs": 2048, "ode_steps": 2000, "sf_steps": 1000, "dmd2_steps": 2500, "samples": 512}
+QUICK = {"pairs": 1024, "ode_steps": 1000, "sf_steps": 1500, "dmd2_steps": 1000, "samples": 256}
+FULL = {"pairs": 2048, "ode_steps": 2000, "sf_steps": 3000, "dmd2_steps": 2500, "samples": 512}
 
 
 def parse_args(argv=None):
