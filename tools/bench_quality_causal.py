@@ -2,7 +2,7 @@
 """Causal quality benchmark: ODE-init then self-forcing of a block-causal student from the shipped
 tiny teacher, sampled block by block at the training length F and at 2F.
 
-    python tools/bench_quality_causal.py --quick --json causal.json      # CPU, < 15 min on 2 cores
+    python tools/bench_quality_causal.py --quick --json causal.json      # CPU (times: docs/QUALITY.md)
     python tools/bench_quality_causal.py --bidirectional_json quality.json  # reuse a bench_quality run
 
 1. writes teacher ODE trajectories (``tools/generate_ode_pairs.py``) of ``--pairs`` synthetic
