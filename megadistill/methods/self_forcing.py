@@ -1,5 +1,7 @@
 """Self-forcing DMD: DMD2 with a block-causal student rolled out block by block on its own outputs
-(Huang et al. 2025, "Self Forcing"), teacher and critic bidirectional. Data-free: prompts only.
+(Huang et al. 2025, "Self Forcing"), teacher and critic bidirectional. Data-free (prompts only),
+unless DMD2's GAN term is on (``gan_critic_weight`` > 0): its classifier then sees the batch's real
+latents against the rollout's DMD window, exactly as in :mod:`.dmd2`.
 
 Roles: ``student`` (block-causal, trained), ``teacher`` (frozen, guided), ``critic`` (trained).
 Everything but the rollout is DMD2's (``dmd2.py``): the DMD timestep, the KL gradient
@@ -109,9 +111,6 @@ class SelfForcingMethod(DMD2Method):
         except ConfigError as e:
             raise config_error(METHOD, (e.key or "").removeprefix("method_config."), e.problem) from None
         self.config = config
-        if config.gan_generator_weight or config.gan_critic_weight:
-            raise config_error(METHOD, "gan_critic_weight", "self_forcing is data-free and its GAN term is not "
-                               "implemented; set gan_generator_weight and gan_critic_weight to 0")
         for op in ("frames_per_block", "new_cache", "predict_flow_block", "predict_x0_block"):
             if not callable(getattr(adapter, op, None)):
                 raise TypeError(f"self_forcing needs a CausalAdapter; {type(adapter).__name__} has no {op}()")
@@ -136,7 +135,8 @@ class SelfForcingMethod(DMD2Method):
     # -- schedule ---------------------------------------------------------------------------------
     @property
     def latents_source(self) -> str:
-        return "zeros"
+        # The rollout starts from noise; real latents only feed the GAN term's classifier.
+        return "data" if self.config.uses_gan else "zeros"
 
     def rollout_plan(self, step: int, phase: str = GENERATOR_PHASE) -> RolloutPlan:
         """The rollout of ``step``'s generator or critic phase; a function of (seed, step, phase)."""
@@ -193,6 +193,9 @@ class SelfForcingMethod(DMD2Method):
         before the DMD window (no grad there), is built here with the same op names."""
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        if self.config.uses_gan:
+            raise NotImplementedError("self_forcing with its GAN term has no op graph (and no pipeline "
+                                      "program), as dmd2's; run it with parallel.pp 1")
         block_tokens = self.block_frames * self.adapter.tokens_per_frame(self.bundle["student"])
         m = len(self.denoising_steps)
         phases: List[OpGraph] = []

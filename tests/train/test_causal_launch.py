@@ -53,6 +53,21 @@ def test_self_forcing_single_process(tmp_path):
     assert all(r["rollout_frames"] == 6 for r in recs if "generator_loss" in r)
 
 
+def test_self_forcing_with_the_gan_term(tmp_path):
+    """DMD2's GAN term in self-forcing: the critic's classifier sees real clips of the synthetic
+    world against the rollout's DMD window, and the generator loss carries its term."""
+    out = tmp_path / "sf_gan"
+    main = load_file("pretrain_dmd_sf_gan", LAUNCH).main
+    rc = main(["--config", os.path.join(ROOT, "configs", "tiny_self_forcing.yaml"), *common(out),
+               "--set", "method_config.generator_update_interval=2", "--set", "models.critic.realism_head=true",
+               "--set", "method_config.gan_generator_weight=1e-2", "--set", "method_config.gan_critic_weight=1e-1",
+               "--set", "method_config.gan_max_timestep=300"])
+    assert rc == 0
+    recs = records(out)
+    check_losses(recs, ["critic_loss", "generator_loss", "gan_critic_loss", "gan_generator_loss"])
+    assert all(0 < r["realism_real_prob"] < 1 for r in recs)
+
+
 def test_ode_init_single_process_on_generated_pairs(tmp_path):
     pairs = tmp_path / "pairs"
     tool = load_file("generate_ode_pairs_launch", os.path.join(ROOT, "tools", "generate_ode_pairs.py"))
