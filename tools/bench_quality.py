@@ -188,13 +188,20 @@ def check_same_step_list(ode_cfg, dmd2_cfg, where: str) -> None:
                          f"from the DMD2 student's ({b}, warp {warp_b}); set both alike")
 
 
+def warm_start_student(config: str, overrides, pairs: Path, run_dir: Path, export_dir: Path, steps: int,
+                       threads, what: str) -> Path:
+    """ODE-init of the student on ``pairs`` (a run in ``run_dir``); returns it exported to
+    ``export_dir`` as a Wan native folder."""
+    ckpt = train(config, [f"data.path={pairs}"] + list(overrides), run_dir, steps, threads, what)
+    return export_student(ckpt, ROOT / TEACHER, export_dir)
+
+
 def warm_start(args, ode_cfg, dmd2_cfg, out: Path, pairs: int, steps: int) -> Path:
     """ODE pairs, then ODE-init of the student; returns the exported student (Wan native folder)."""
     data = ode_pairs(ode_cfg, dmd2_cfg, out, pairs, args.teacher_steps, args.seed, args.threads,
                      stream="bidirectional-ode-pairs")
-    ckpt = train(args.warm_start, [f"data.path={data}"] + args.set_warm_start, out / "warm_start", steps,
-                 args.threads, "ODE-init warm start")
-    return export_student(ckpt, ROOT / TEACHER, out / "warm_student")
+    return warm_start_student(args.warm_start, args.set_warm_start, data, out / "warm_start", out / "warm_student",
+                              steps, args.threads, "ODE-init warm start")
 
 
 def main(argv=None):

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
-from bench_quality import WARM_START_CONFIG, check_same_step_list, export_student, ode_pairs, train
+from bench_quality import (TEACHER, WARM_START_CONFIG, check_same_step_list, export_student, ode_pairs, train,
+                           warm_start_student)
 
 from megadistill.checkpoint import write_json_atomic
 
 ROOT = Path(_bootstrap.ROOT)
-TEACHER = "configs/weights/tiny_teacher"
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
@@ -87,8 +87,6 @@ def parse_args(argv=None):
     ap.add_argument("--check", action="store_true", help="exit 1 when the bar is missed")
     return ap.parse_args(argv)
 
-
-# -- stages: tools/bench_quality.py's (each a subprocess of the repository's own tools) -----------------
 
 # -- measurement -------------------------------------------------------------------------------------------
 
@@ -146,9 +144,9 @@ def bidirectional_fd(args, out: Path, samples: int, steps: int, pairs: Path, war
 
     overrides = list(args.set_dmd2)
     if args.warm_start != "none":
-        warm = train(args.warm_start, [f"data.path={pairs}"] + args.set_warm_start, out / "dmd2_warm_start",
-                     warm_start_steps, args.threads, "bidirectional ODE-init warm start")
-        init = export_student(warm, ROOT / TEACHER, out / "dmd2_warm_student")
+        init = warm_start_student(args.warm_start, args.set_warm_start, pairs, out / "dmd2_warm_start",
+                                  out / "dmd2_warm_student", warm_start_steps, args.threads,
+                                  "bidirectional ODE-init warm start")
         overrides = [f"models.student.path={init}"] + overrides
     cfg = load_config(args.dmd2_config, overrides)
     ckpt = train(args.dmd2_config, overrides, out / "dmd2", steps, args.threads, "bidirectional DMD2")

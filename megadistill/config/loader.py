@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, Literal, Optional, Tuple, Union, get_arg
 import yaml
 
 from .errors import ConfigError
-from .schema import (OPTIONAL_ROLES, REQUIRED_ROLES, ROLE_TRAINABLE, ROLES, SYNTHETIC_WORLD_KEYS, DataConfig,
-                     ModelConfig, RunConfig)
+from .schema import (OPTIONAL_ROLES, REQUIRED_ROLES, ROLE_TRAINABLE, ROLES, SYNTHETIC_WORLD_KEYS, SYNTHETIC_WORLD_SEED,
+                     DataConfig, ModelConfig, RunConfig)
 from .yaml_io import describe_yaml_error, dump_yaml, load_yaml_text, parse_scalar, write_text_atomic
 
 # Keys that people put in the wrong section, and where they live.
@@ -428,10 +428,10 @@ def _resolve_data(data: DataConfig, ctx: _Context) -> DataConfig:
         if unknown:
             raise ctx.error("data.world", f"unknown setting(s) {unknown}; expected some of "
                                           f"{list(SYNTHETIC_WORLD_KEYS)}")
-        seed = data.world.get("seed", 0)
+        seed = data.world.get("seed", SYNTHETIC_WORLD_SEED)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ctx.error("data.world.seed", f"got {seed!r}, expected an integer >= 0 (the world's own seed; "
-                                               "0 is the shipped tiny teacher's world)")
+                                               f"{SYNTHETIC_WORLD_SEED} is the shipped tiny teacher's world)")
         return data
     if data.path is None:
         what = ("a text file with one prompt a line" if data.kind == "prompts"
