@@ -90,23 +90,13 @@ def parse_args(argv=None):
 
 # -- measurement -------------------------------------------------------------------------------------------
 
-def student_timesteps(sf_cfg, scheduler) -> torch.Tensor:
-    """The self-forcing student's step list, as the method derives it from ``method_config``."""
-    from megadistill.diffusion import denoising_step_list
-    from megadistill.methods.base import parse_method_config
-    from megadistill.methods.self_forcing import SelfForcingConfig
-
-    mc = parse_method_config(SelfForcingConfig, sf_cfg.method_config, "self_forcing")
-    shift = scheduler.shift if mc.flow_shift is None else mc.flow_shift
-    return denoising_step_list(mc.denoising_steps, mc.warp_denoising_step, shift, scheduler.num_train_timesteps)
-
-
 def measure_causal(sf_config: str, sf_overrides, weights: Path, samples: int, window: int, sinks: int,
                    batch_size: int, seed: int) -> dict:
     """Rows ``causal_1x`` (whole prefix, F frames) and ``causal_2x`` (window + sinks, 2F frames)."""
     from megadistill.config import load_config
     from megadistill.eval.causal_quality import causal_row, world_of_length
     from megadistill.eval.quality import build_adapter, load_role_model, world_of
+    from megadistill.train.quality_report import student_step_list
 
     rows = {}
     base = load_config(sf_config, sf_overrides)
@@ -120,7 +110,7 @@ def measure_causal(sf_config: str, sf_overrides, weights: Path, samples: int, wi
         cfg = load_config(sf_config, list(sf_overrides) + extra)
         student = load_role_model(cfg, "student", weights)
         adapter = build_adapter(cfg, {"student": student})
-        timesteps = student_timesteps(cfg, adapter.noise_scheduler)
+        timesteps = student_step_list(cfg, adapter.noise_scheduler)
         context = float(cfg.method_config.get("context_noise", 0.0)) * adapter.noise_scheduler.num_train_timesteps / 1000.0
         world = world_of_length(world_of(base), length)
         t0 = time.perf_counter()

@@ -18,12 +18,18 @@ REPORT_KEYS = ("real", "teacher_50", "teacher_4", "student_4", "noise_floor_fd")
 
 
 def student_step_list(cfg, scheduler) -> torch.Tensor:
-    """The student's timesteps, as the DMD2 method derives them from ``method_config``."""
+    """The student's timesteps, as its method (``recipe.method``: dmd2 or self_forcing) derives
+    them from ``method_config``."""
     from megadistill.diffusion import denoising_step_list
     from megadistill.methods.base import parse_method_config
     from megadistill.methods.dmd2 import DMD2Config
+    from megadistill.methods.self_forcing import SelfForcingConfig
 
-    mc = parse_method_config(DMD2Config, cfg.method_config, "dmd2")
+    configs = {"dmd2": DMD2Config, "self_forcing": SelfForcingConfig}
+    method = cfg.recipe.method
+    if method not in configs:
+        raise ValueError(f"recipe.method {method!r} has no few-step student list; expected one of {sorted(configs)}")
+    mc = parse_method_config(configs[method], cfg.method_config, method)
     shift = scheduler.shift if mc.flow_shift is None else mc.flow_shift
     return denoising_step_list(mc.denoising_steps, mc.warp_denoising_step, shift, scheduler.num_train_timesteps)
 

@@ -71,6 +71,12 @@ def test_student_step_list_is_the_methods():
     warped = load_config(CONFIG, ["method_config.warp_denoising_step=true"])
     assert torch.allclose(student_step_list(warped, FlowMatchScheduler(1000, 5.0)),
                           torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64))
+    # The self-forcing student's list comes from its own method config, the same way.
+    causal = load_config(ROOT / "configs" / "tiny_self_forcing_quality.yaml", ["method_config.warp_denoising_step=true"])
+    assert torch.allclose(student_step_list(causal, FlowMatchScheduler(1000, 5.0)),
+                          torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="recipe.method 'finetune'"):
+        student_step_list(load_config(ROOT / "configs" / "tiny_finetune.yaml"), FlowMatchScheduler(1000, 5.0))
 
 
 def test_quality_bar_conditions():
