@@ -40,12 +40,10 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
-from bench_quality import (TEACHER, WARM_START_CONFIG, check_same_step_list, export_student, ode_pairs, train,
-                           warm_start_student)
+from bench_quality import WARM_START_CONFIG, check_same_step_list, ode_pairs, train, warm_start_student
 
 from megadistill.checkpoint import write_json_atomic
 
-ROOT = Path(_bootstrap.ROOT)
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
@@ -176,10 +174,9 @@ def run(args) -> dict:
                           stream="causal-ode-pairs")
         timings["ode_pairs_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        ode_ckpt = train(args.ode_config, [f"data.path={pairs}"] + args.set_ode, out / "ode_init", ode_steps,
-                         args.threads, "ODE-init")
+        init = warm_start_student(args.ode_config, args.set_ode, pairs, out / "ode_init", out / "ode_student",
+                                  ode_steps, args.threads, "ODE-init")
         timings["ode_init_s"] = time.perf_counter() - t
-        init = export_student(ode_ckpt, ROOT / TEACHER, out / "ode_student")
         sf_overrides = [f"models.student.path={init}"] + args.set_sf
         t = time.perf_counter()
         sf_ckpt = train(args.sf_config, sf_overrides, out / "self_forcing", sf_steps, args.threads, "self-forcing")
