@@ -19,8 +19,9 @@ tiny teacher, sampled block by block at the training length F and at 2F.
    against the synthetic world of that length;
 4. takes the bidirectional DMD2 student's FD from ``--bidirectional_json`` (a ``bench_quality.py``
    JSON of the same ``--samples`` and ``--seed``) or distils and samples it here as
-   ``bench_quality.py`` does: an ODE-init warm start on this run's pairs (``--warm_start``,
-   ``--ode_steps`` steps), then ``--dmd2_steps`` DMD2 steps;
+   ``bench_quality.py`` does, with its step counts for the mode: an ODE-init warm start on this
+   run's pairs (``--warm_start``, ``--dmd2_warm_start_steps`` steps), then ``--dmd2_steps`` DMD2
+   steps;
 5. prints one JSON object::
 
      {"causal_1x": {"fd", "adherence", "temporal_error"}, "causal_2x": {...},
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
+from bench_quality import FULL as BIDIRECTIONAL_FULL
+from bench_quality import QUICK as BIDIRECTIONAL_QUICK
 from bench_quality import WARM_START_CONFIG, check_same_step_list, ode_pairs, train, warm_start_student
 
 from megadistill.checkpoint import write_json_atomic
@@ -47,8 +50,11 @@ from megadistill.checkpoint import write_json_atomic
 ODE_CONFIG = "configs/tiny_ode_init_quality.yaml"
 SF_CONFIG = "configs/tiny_self_forcing_quality.yaml"
 DMD2_CONFIG = "configs/tiny_dmd2_quality.yaml"
-QUICK = {"pairs": 1024, "ode_steps": 1000, "sf_steps": 1500, "dmd2_steps": 1000, "samples": 256}
-FULL = {"pairs": 2048, "ode_steps": 2000, "sf_steps": 3000, "dmd2_steps": 2500, "samples": 512}
+# The bidirectional student trained here (no --bidirectional_json) is bench_quality.py's of the same mode.
+QUICK = {"pairs": 1024, "ode_steps": 1000, "sf_steps": 1500, "samples": 256,
+         "dmd2_steps": BIDIRECTIONAL_QUICK["max_steps"], "dmd2_warm_start_steps": BIDIRECTIONAL_QUICK["warm_start_steps"]}
+FULL = {"pairs": 2048, "ode_steps": 2000, "sf_steps": 3000, "samples": 512,
+        "dmd2_steps": BIDIRECTIONAL_FULL["max_steps"], "dmd2_warm_start_steps": BIDIRECTIONAL_FULL["warm_start_steps"]}
 
 
 def parse_args(argv=None):
@@ -60,6 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--sf_steps", type=int, default=None, help="self-forcing DMD training steps")
     ap.add_argument("--dmd2_steps", type=int, default=None,
                     help="bidirectional DMD2 steps when --bidirectional_json is not given")
+    ap.add_argument("--dmd2_warm_start_steps", type=int, default=None,
+                    help="ODE-init steps of that student's warm start")
     ap.add_argument("--samples", type=int, default=None, help="clips per evaluated set")
     ap.add_argument("--bidirectional_json", default=None,
                     help="bench_quality.py JSON (same --samples and --seed) holding student_4's FD")
@@ -154,8 +162,8 @@ def run(args) -> dict:
     start = time.perf_counter()
     mode = QUICK if args.quick else FULL
     pick = lambda key: getattr(args, key) if getattr(args, key) is not None else mode[key]  # noqa: E731
-    pairs_n, ode_steps, sf_steps, dmd2_steps, samples = (pick(k) for k in
-                                                         ("pairs", "ode_steps", "sf_steps", "dmd2_steps", "samples"))
+    pairs_n, ode_steps, sf_steps, dmd2_steps, dmd2_warm_start_steps, samples = (
+        pick(k) for k in ("pairs", "ode_steps", "sf_steps", "dmd2_steps", "dmd2_warm_start_steps", "samples"))
     if args.threads:
         torch.set_num_threads(args.threads)
     timings = {}
@@ -184,7 +192,7 @@ def run(args) -> dict:
         rows = measure_causal(args.sf_config, sf_overrides, student_weights(sf_ckpt), samples, args.window,
                               args.sinks, args.batch_size, args.seed)
         t = time.perf_counter()
-        bidir = bidirectional_fd(args, out, samples, dmd2_steps, pairs, ode_steps)
+        bidir = bidirectional_fd(args, out, samples, dmd2_steps, pairs, dmd2_warm_start_steps)
         timings["bidirectional_s"] = time.perf_counter() - t
     keys = ("fd", "adherence", "temporal_error")
     result = {name: {k: rows[name][k] for k in keys} for name in ("causal_1x", "causal_2x")}
@@ -198,7 +206,9 @@ def run(args) -> dict:
                            "real_temporal_error_2x": rows["causal_2x"]["real_temporal_error"],
                            "bidirectional": bidir}
     result["settings"] = {"pairs": pairs_n, "ode_steps": ode_steps, "sf_steps": sf_steps, "samples": samples,
-                          "dmd2_steps": None if args.bidirectional_json else dmd2_steps, "window": args.window,
+                          "dmd2_steps": None if args.bidirectional_json else dmd2_steps,
+                          "dmd2_warm_start_steps": None if args.bidirectional_json or args.warm_start == "none"
+                          else dmd2_warm_start_steps, "window": args.window,
                           "sinks": args.sinks, "seed": args.seed,
                           **timings, **{f"{n}_sample_s": rows[n]["sample_s"] for n in rows}}
     return result
