@@ -56,7 +56,8 @@ def test_bench_quality_causal_trains_its_own_bidirectional_student(tmp_path, mon
     bench = load_tool("bench_quality_causal")
     small = "training.micro_batch_size=2"
     rc = bench.main(["--quick", "--pairs", "4", "--teacher_steps", "3", "--ode_steps", "2", "--sf_steps", "2",
-                     "--dmd2_steps", "2", "--dmd2_warm_start_steps", "2", "--samples", "4", "--batch_size", "4", "--output_dir", str(tmp_path / "run"),
+                     "--dmd2_steps", "2", "--dmd2_warm_start_steps", "2", "--samples", "4", "--batch_size", "4",
+                     "--output_dir", str(tmp_path / "run"),
                      "--threads", "1", "--set_ode", small, "--set_sf", small, "--set_warm_start", small,
                      "--set_dmd2", small])
     assert rc == 0
