@@ -5,6 +5,11 @@
   trace equals ``tr((S_a S_b)^{1/2})`` but is taken from symmetric PSD matrices through
   eigendecompositions in float64 (tiny negative eigenvalues clamped to 0), which is exact and
   stays real where a general matrix square root of ``S_a S_b`` can return complex round-off.
+- ``frechet_distance_inf``: the same distance extrapolated to infinitely many samples ("FD_inf",
+  Chong & Forsyth, CVPR 2020). Estimated from N samples, FD is biased upwards by about ``k / N``
+  with a ``k`` that depends on both distributions (two real sets of 256 clips score ~8.5 here,
+  of 2048 ~1): FDs of sets of different quality do not compare at a fixed N. FD_inf fits
+  ``FD(n) = FD_inf + k / n`` over random subsets and reports the intercept.
 - ``prompt_adherence``: fraction of clips whose decoded blobs (colours present and their
   directions) equal the caption's, as sets.
 - ``temporal_error``: mean distance (latent px) of detected blob centres from their straight
@@ -55,6 +60,46 @@ def frechet_distance(feats_a: Array, feats_b: Array) -> float:
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     fd = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
     return float(fd.clamp(min=0))
+
+
+def frechet_distance_inf(feats_a: Array, feats_b: Array, points: int = 8, draws: int = 8,
+                         smallest: float = 0.5, seed: int = 0) -> float:
+    """FD of ``[N, D]`` features extrapolated to N -> infinity (the bias of a finite N removed).
+
+    For ``points`` subset sizes ``n`` spaced evenly in ``1/n`` from ``1/N`` to ``1/(smallest N)``
+    (``N`` the smaller set's size) it averages the FD of ``draws`` pairs of random subsets of size
+    ``n`` (without replacement; one pair at ``n = N`` when both sets have N rows), fits
+    ``FD(n) = FD_inf + k / n`` by least squares and returns ``FD_inf``. Deterministic for a
+    ``seed``. Two sets drawn from one distribution score ~0 (either sign, within the estimate's
+    noise); the smallest subset must exceed the feature width, where the ``1/n`` law starts to hold.
+    """
+    a = _as_feature_matrix(feats_a, "feats_a")
+    b = _as_feature_matrix(feats_b, "feats_b")
+    if points < 2 or draws < 1 or not 0 < smallest < 1:
+        raise ValueError(f"points={points} (>= 2), draws={draws} (>= 1), smallest={smallest} (in (0, 1)) "
+                         "are out of range")
+    n_full = min(a.shape[0], b.shape[0])
+    n_min = int(round(smallest * n_full))
+    if n_min <= a.shape[1]:
+        raise ValueError(f"FD_inf of {a.shape[1]} features needs subsets larger than that: {n_full} samples "
+                         f"give subsets of {n_min}; use at least {2 * a.shape[1] + 2} samples (or a larger "
+                         "smallest)")
+    g = torch.Generator().manual_seed(mix_seed("fd-inf", seed))
+    inv_sizes, fds = [], []
+    for inv in torch.linspace(1.0 / n_full, 1.0 / n_min, points, dtype=torch.float64).tolist():
+        n = int(round(1.0 / inv))
+        whole = n == a.shape[0] == b.shape[0]
+        values = []
+        for _ in range(1 if whole else draws):
+            ia = torch.randperm(a.shape[0], generator=g)[:n]
+            ib = torch.randperm(b.shape[0], generator=g)[:n]
+            values.append(frechet_distance(a[ia], b[ib]))
+        inv_sizes.append(1.0 / n)
+        fds.append(sum(values) / len(values))
+    x = torch.tensor(inv_sizes, dtype=torch.float64)
+    y = torch.tensor(fds, dtype=torch.float64)
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+    return float(y.mean() - slope * x.mean())
 
 
 def prompt_adherence(latents: torch.Tensor, captions: Sequence[str], world: SyntheticVideoWorld) -> float:

@@ -24,7 +24,8 @@ import torch
 
 from megadistill.data.synthetic import SyntheticVideoWorld, mix_seed, sample_captions
 from megadistill.diffusion import CONVENTIONS, FlowMatchScheduler, guided_prediction, ode_sample, sde_sample
-from megadistill.eval.metrics import evaluate, noise_floor_fd
+from megadistill.eval.features import feature_extractor
+from megadistill.eval.metrics import evaluate, frechet_distance_inf, noise_floor_fd
 from megadistill.models.registry import get_family
 
 SAMPLERS = ("ode", "sde")
@@ -157,16 +158,28 @@ class SamplingSpec:
     guidance_convention: str = "cfg"
 
 
+def fd_inf_min_samples(world: SyntheticVideoWorld) -> int:
+    """The fewest clips per set with which ``quality_report(..., fd_inf=True)`` can extrapolate FD
+    (its smallest subsets, half the set, must be wider than the features)."""
+    return 2 * len(feature_extractor(world).feature_names) + 2
+
+
 def quality_report(specs: Sequence[SamplingSpec], adapter, world: SyntheticVideoWorld, num_samples: int,
-                   seed: int, batch_size: int = 64) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+                   seed: int, batch_size: int = 64, fd_inf: bool = False
+                   ) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """``({"real": metrics, <spec.name>: metrics, ..., "noise_floor_fd": x}, {name: clips})``.
 
     ``real`` scores real clips of the evaluation captions (the best any generator can do);
     ``noise_floor_fd`` is the FD between two independent real sets of ``num_samples`` clips.
+    ``fd_inf``: also ``"fd_inf": {"real": x, <spec.name>: x, ...}``, each set's FD against the
+    same reference extrapolated to infinitely many clips (``frechet_distance_inf``; needs more
+    than twice as many clips as features).
     """
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or "real" in names or "noise_floor_fd" in names:
         raise ValueError(f"spec names {names} must be distinct and not 'real' / 'noise_floor_fd'")
+    if fd_inf and num_samples < fd_inf_min_samples(world):
+        raise ValueError(f"fd_inf needs at least {fd_inf_min_samples(world)} clips per set, got {num_samples}")
     data = eval_set(world, num_samples, seed)
     report: Dict[str, Any] = {"real": score(data.real, data, world)}
     clips = {}
@@ -175,4 +188,9 @@ def quality_report(specs: Sequence[SamplingSpec], adapter, world: SyntheticVideo
                                  seed, s.guidance_scale, s.guidance_convention, batch_size)
         report[s.name] = score(clips[s.name], data, world)
     report["noise_floor_fd"] = noise_floor_fd(world, num_samples, seed)
+    if fd_inf:
+        extractor = feature_extractor(world)
+        reference = extractor(data.reference)
+        sets = {"real": data.real, **clips}
+        report["fd_inf"] = {name: frechet_distance_inf(extractor(x), reference, seed=seed) for name, x in sets.items()}
     return report, clips

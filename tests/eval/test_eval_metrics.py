@@ -11,7 +11,8 @@ import torch
 
 from megadistill.data.synthetic import SyntheticVideoWorld, parse_caption
 from megadistill.eval import (LatentFeatureExtractor, decode_blobs, evaluate, feature_extractor,
-                              frechet_distance, noise_floor_fd, prompt_adherence, temporal_error)
+                              frechet_distance, frechet_distance_inf, noise_floor_fd, prompt_adherence,
+                              temporal_error)
 
 N = 512
 
@@ -147,6 +148,50 @@ def test_fd_matches_scipy_sqrtm_when_scipy_is_installed(real):
     cross = linalg.sqrtm(ca @ cb).real.trace()
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + ca.trace() + cb.trace() - 2 * cross
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fd_inf_removes_the_finite_sample_bias_of_two_real_sets(real, floor):
+    a, b = real[0]["feats"], real[1]["feats"]
+    value = frechet_distance_inf(a, b)
+    assert value == frechet_distance_inf(a, b)  # deterministic for a seed
+    # Raw FD of two real sets of 512 clips is the noise floor (~4-5); extrapolated, ~0 either sign.
+    assert abs(value) < 0.25 * floor
+
+
+def test_fd_inf_recovers_a_known_distance_where_the_raw_fd_is_biased():
+    # a ~ N(0, I), b ~ N(mu, diag(s^2)) in 24 dims: FD = |mu|^2 + sum (1 - s)^2 exactly.
+    d, n = 24, 400
+    g = gen(3)
+    mu = torch.full((d,), 0.3, dtype=torch.float64)
+    s = torch.linspace(0.8, 1.2, d, dtype=torch.float64)
+    truth = float(mu.pow(2).sum() + (1 - s).pow(2).sum())                   # 2.16 + 0.35
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = mu + s * torch.randn(n, d, generator=g, dtype=torch.float64)
+    raw = frechet_distance(a, b)
+    assert raw > truth + 0.6                                                   # ~ +0.9 at n = 400
+    assert frechet_distance_inf(a, b) == pytest.approx(truth, abs=0.4)
+    assert frechet_distance_inf(a, b, seed=1) == pytest.approx(truth, abs=0.4)
+
+
+def test_fd_inf_rejects_sets_too_small_to_extrapolate():
+    x = torch.randn(40, 24, generator=gen(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match="subsets larger"):
+        frechet_distance_inf(x, x)  # halves of 20 rows are narrower than 24 features
+    with pytest.raises(ValueError, match="out of range"):
+        frechet_distance_inf(x, x, points=1)
+
+
+def test_quality_report_extrapolates_fd_of_each_set(world):
+    from megadistill.eval.quality import fd_inf_min_samples, quality_report
+
+    n = fd_inf_min_samples(world)
+    assert n == 2 * len(feature_extractor(world).feature_names) + 2
+    report, _ = quality_report([], None, world, n, seed=0, fd_inf=True)
+    assert set(report["fd_inf"]) == {"real"}
+    # real clips of the captions against the reference: raw FD at the floor, extrapolated near 0
+    assert abs(report["fd_inf"]["real"]) < 0.5 * report["real"]["fd"]
+    with pytest.raises(ValueError, match=f"at least {n} clips"):
+        quality_report([], None, world, n - 1, seed=0, fd_inf=True)
 
 
 def test_fd_rejects_bad_input():
