@@ -109,7 +109,9 @@ def test_generate_does_not_depend_on_batching(monkeypatch):
     ts = sample_timesteps_uniform(3, shift=5.0)
     a = generate(model, adapter, captions, ts, "ode", world.latent_shape, seed=1, guidance_scale=3.0, batch_size=3)
     b = generate(model, adapter, captions, ts, "ode", world.latent_shape, seed=1, guidance_scale=3.0, batch_size=2)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Batch size changes only the matmul kernels' round-off (up to ~2e-5 here on an AVX2-only CPU);
+    # noise that depended on the batch would differ by O(1).
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     c = generate(model, adapter, captions, ts, "ode", world.latent_shape, seed=2, guidance_scale=3.0, batch_size=3)
     assert not torch.allclose(a, c)
     with pytest.raises(ValueError, match="sampler"):

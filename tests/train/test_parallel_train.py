@@ -19,10 +19,14 @@ STEPS = 4
 # Losses and grad norms (the logged global grad norm of every update) agree to float32 round-off of
 # a different summation order. Weights: AdamW (betas (0, 0.999)) divides each gradient element by
 # its running RMS, so an element whose gradient is itself round-off-sized may move by up to lr
-# either way in the two runs. Such elements are rare (about 1e-4 of them here); every other
-# element agrees to round-off.
+# either way in the two runs. Such elements are rare (1e-4 to 3.3e-3 of them across the layouts
+# here and the pipeline test's, by CPU: the round-off of a matmul depends on its kernels; a wrong
+# shard or gradient moves most elements); every other element agrees to round-off. The
+# logged figures of a step after the first are taken on those weights: they agree to RTOL_UPDATED
+# (measured: 1.5e-5 on an AVX2-only CPU), those of the first step, before any update, to RTOL.
 RTOL, ATOL = 1e-5, 1e-6
-MAX_LOOSE_FRACTION = 1e-3
+RTOL_UPDATED = 1e-4
+MAX_LOOSE_FRACTION = 1e-2
 
 
 LR = {"student": 1e-3, "critic": 2e-3}  # tiny_dmd2_dict's learning rates
@@ -92,7 +96,7 @@ def assert_same_run(got, ref, what, steps=None, exact=False):
     for step in (steps or sorted(ref_hist)):
         assert sorted(got_hist[step]) == sorted(ref_hist[step]), (what, step)
         for key, value in ref_hist[step].items():
-            expected = value if exact else pytest.approx(value, rel=RTOL, abs=ATOL)
+            expected = value if exact else pytest.approx(value, rel=RTOL if step == 0 else RTOL_UPDATED, abs=ATOL)
             assert got_hist[step][key] == expected, (what, step, key, got_hist[step][key], value)
     for role, tensors in ref["weights"].items():
         lr = LR[role]

@@ -179,14 +179,16 @@ def _partition_parallel(config, fill, ds_config, mpu, dtype):
     import deepspeed
     import torch.distributed as dist
 
+    from megadistill.distributed.zero import init_config_for_dtype
+
     from .loading import build_on_meta
     from .parallel import mark_tensor_parallel_parameters, parallelize_from_grid
 
     group = mpu.get_data_parallel_group()
     filler = dist.get_rank(group) == 0
     # Init(module=...) would otherwise replace torch.nn.functional.linear for the rest of the process.
-    init_config = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}),
-                                                      "memory_efficient_linear": False}}
+    init_config = init_config_for_dtype(ds_config, dtype)
+    init_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "memory_efficient_linear": False}
     model = parallelize_from_grid(build_on_meta(WanDiT, config))
     for prefix, unit in _partition_units(model):
         unit.to_empty(device="cpu").to(dtype)
@@ -194,8 +196,7 @@ def _partition_parallel(config, fill, ds_config, mpu, dtype):
             with torch.no_grad():
                 for name, p in unit.named_parameters():
                     p.copy_(fill(f"{prefix}.{name}").to(dtype))
-        deepspeed.zero.Init(module=unit, config_dict_or_path=init_config, mpu=mpu, data_parallel_group=group,
-                            dtype=dtype)
+        deepspeed.zero.Init(module=unit, config_dict_or_path=init_config, mpu=mpu, data_parallel_group=group)
     return mark_tensor_parallel_parameters(model)
 
 
