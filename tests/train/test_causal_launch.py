@@ -208,7 +208,9 @@ def _zero3_block_worker(rank, world):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     engine.backward(loss)  # identical inputs on both ranks: the averaged gradient is the reference's
     for (name, p), ref in zip(engine.module.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(safe_get_full_grad(p), ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # round-off scales with the gradient's size (up to ~17 here: 1.3e-5 off on an AVX2-only CPU)
+        scale = max(1.0, ref.grad.abs().max().item())
+        torch.testing.assert_close(safe_get_full_grad(p), ref.grad, rtol=1e-4, atol=2e-6 * scale, msg=name)
 
 
 def test_cached_rollout_under_zero3_equals_one_process():
